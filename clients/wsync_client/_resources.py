@@ -1,0 +1,182 @@
+"""Resource namespaces (`client.engines`, `client.jobs`, ...), written once for both clients.
+
+Each method builds an `APICall` (or a composed plan) and hands it to the owning client's driver:
+on `Client` it returns the parsed model, on `AsyncClient` an awaitable of the same model.
+Arguments are validated with the wire models of `wsync.schemas` before anything is sent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from wsync.schemas import (
+    ComparisonCreate,
+    ComparisonReport,
+    EngineInfo,
+    EngineLaunch,
+    GenerateRequest,
+    GenerateResponse,
+    JobInfo,
+    Page,
+    PatchInfo,
+    PatchPrepare,
+    ResultInfo,
+    SyncDense,
+    SyncSparse,
+    TrainerInfo,
+    TrainerLoad,
+)
+
+from ._core import APICall, Plan, build_body, path_param
+from .errors import APIResponseValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._core import BaseClient
+
+__all__ = ["Engines", "Trainer", "Patches", "Sync", "Comparisons", "Jobs", "Results", "bind_resources"]
+
+
+def _ids(value: str | Iterable[str]) -> list[str]:
+    return [value] if isinstance(value, str) else [getattr(v, "id", v) for v in value]
+
+
+class _Resource:
+    def __init__(self, client: "BaseClient") -> None:
+        self._client = client
+
+    def _request(self, method: str, path: str, *, cast: Any = None, body: Any = None,
+                 params: dict[str, Any] | None = None, idempotent: bool | None = None) -> Any:
+        return self._client._call(APICall(method, path, body=body, params=params, cast=cast, idempotent=idempotent))
+
+
+class Engines(_Resource):
+    def launch(self, kind: str = "reference", model: str | None = None, name: str | None = None,
+               wait: bool = True, **opts: Any) -> EngineInfo:
+        """POST /v1/engines. `opts`: other EngineLaunch fields (gpu_memory_utilization, enforce_eager)."""
+        body = build_body(EngineLaunch, kind=kind, model=model, name=name, wait=wait, **opts)
+        return self._request("POST", "/v1/engines", body=body, cast=EngineInfo)
+
+    def list(self, limit: int | None = None, offset: int | None = None) -> Page[EngineInfo]:
+        return self._request("GET", "/v1/engines", params={"limit": limit, "offset": offset}, cast=Page[EngineInfo])
+
+    def get(self, engine_id: str) -> EngineInfo:
+        return self._request("GET", f"/v1/engines/{path_param(engine_id)}", cast=EngineInfo)
+
+    def delete(self, engine_id: str) -> EngineInfo:
+        return self._request("DELETE", f"/v1/engines/{path_param(engine_id)}", cast=EngineInfo)
+
+    def generate(self, engine_id: str, prompts: str | Sequence[str], max_new_tokens: int = 1) -> GenerateResponse:
+        body = build_body(GenerateRequest, prompts=[prompts] if isinstance(prompts, str) else list(prompts),
+                          max_new_tokens=max_new_tokens)
+        # Read-only on the server side, so safe to retry like a GET.
+        return self._request("POST", f"/v1/engines/{path_param(engine_id)}/generate", body=body,
+                             cast=GenerateResponse, idempotent=True)
+
+
+class Trainer(_Resource):
+    def get(self) -> TrainerInfo:
+        return self._request("GET", "/v1/trainer", cast=TrainerInfo)
+
+    def load(self, model: str | None = None, dtype: str = "bfloat16") -> TrainerInfo:
+        body = build_body(TrainerLoad, model=model, dtype=dtype)
+        return self._request("POST", "/v1/trainer/load", body=body, cast=TrainerInfo)
+
+    def reset(self) -> TrainerInfo:
+        return self._request("POST", "/v1/trainer/reset", cast=TrainerInfo)
+
+
+class Patches(_Resource):
+    def prepare(self, kind: str = "reference", **fields: Any) -> PatchInfo:
+        """POST /v1/patches. `fields`: PatchPrepare fields (rows, density, seed, params, patches, ...)."""
+        body = build_body(PatchPrepare, kind=kind, **fields)
+        return self._request("POST", "/v1/patches", body=body, cast=PatchInfo)
+
+    def get(self, patch_id: str) -> PatchInfo:
+        return self._request("GET", f"/v1/patches/{path_param(patch_id)}", cast=PatchInfo)
+
+    def list(self, limit: int | None = None, offset: int | None = None) -> Page[PatchInfo]:
+        return self._request("GET", "/v1/patches", params={"limit": limit, "offset": offset}, cast=Page[PatchInfo])
+
+
+class Sync(_Resource):
+    def dense(self, engine_ids: str | Iterable[str], bucket_bytes: int | None = None, verify: bool = True) -> JobInfo:
+        body = build_body(SyncDense, engine_ids=_ids(engine_ids), bucket_bytes=bucket_bytes, verify=verify)
+        return self._request("POST", "/v1/sync/dense", body=body, cast=JobInfo)
+
+    def sparse(self, engine_ids: str | Iterable[str], patch_id: str | None = None, patches: list[Any] | None = None,
+               encoding: str = "flat_int32", verify: bool = True) -> JobInfo:
+        fields: dict[str, Any] = {"engine_ids": _ids(engine_ids), "encoding": encoding, "verify": verify}
+        if patch_id is not None:
+            fields["patch_id"] = getattr(patch_id, "id", patch_id)
+        if patches is not None:
+            fields["patches"] = patches
+        return self._request("POST", "/v1/sync/sparse", body=build_body(SyncSparse, **fields), cast=JobInfo)
+
+
+class Comparisons(_Resource):
+    def create(self, **fields: Any) -> JobInfo:
+        """POST /v1/comparisons (ComparisonCreate fields). The job's result is a ComparisonReport dict."""
+        return self._request("POST", "/v1/comparisons", body=build_body(ComparisonCreate, **fields), cast=JobInfo)
+
+    def run(self, *, timeout: float | None = None, poll_interval: float = 0.5,
+            on_poll: Callable[[JobInfo], None] | None = None, **fields: Any) -> ComparisonReport:
+        """Create a comparison, wait for it and return the parsed ComparisonReport."""
+        return self._client._drive(self._run_plan(fields, timeout, poll_interval, on_poll))
+
+    def _run_plan(self, fields: dict[str, Any], timeout: float | None, poll_interval: float,
+                  on_poll: Callable[[JobInfo], None] | None) -> Plan[ComparisonReport]:
+        c = self._client
+        body = build_body(ComparisonCreate, **fields)
+        job = yield from c._request_plan(APICall("POST", "/v1/comparisons", body=body, cast=JobInfo))
+        if on_poll is not None:
+            on_poll(job)
+        job = yield from c._wait_plan(job.id, timeout, poll_interval, on_poll)
+        return report_of(job)
+
+
+class Jobs(_Resource):
+    def get(self, job_id: str) -> JobInfo:
+        return self._request("GET", f"/v1/jobs/{path_param(job_id)}", cast=JobInfo)
+
+    def list(self, state: str | None = None, kind: str | None = None, limit: int | None = None,
+             offset: int | None = None) -> Page[JobInfo]:
+        params = {"state": state, "kind": kind, "limit": limit, "offset": offset}
+        return self._request("GET", "/v1/jobs", params=params, cast=Page[JobInfo])
+
+    def cancel(self, job_id: str) -> JobInfo:
+        # Cancelling twice has the same effect as once: safe to retry.
+        return self._request("POST", f"/v1/jobs/{path_param(job_id)}/cancel", cast=JobInfo, idempotent=True)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_interval: float = 0.5,
+             on_poll: Callable[[JobInfo], None] | None = None) -> JobInfo:
+        """Poll until the job ends. Returns the succeeded JobInfo; raises JobFailedError (failed or
+        cancelled, `.job` attached) or JobTimeoutError (after `timeout` seconds, None = forever).
+        `on_poll(job)` is called with every JobInfo fetched (progress display)."""
+        return self._client._drive(self._client._wait_plan(job_id, timeout, poll_interval, on_poll))
+
+
+class Results(_Resource):
+    def list(self, kind: str | None = None, limit: int = 50, offset: int = 0) -> Page[ResultInfo]:
+        params = {"kind": kind, "limit": limit, "offset": offset}
+        return self._request("GET", "/v1/results", params=params, cast=Page[ResultInfo])
+
+    def get(self, result_id: str) -> ResultInfo:
+        return self._request("GET", f"/v1/results/{path_param(result_id)}", cast=ResultInfo)
+
+
+def report_of(job: JobInfo) -> ComparisonReport:
+    """The ComparisonReport of a succeeded comparison job."""
+    try:
+        return ComparisonReport.model_validate(job.result)
+    except Exception as exc:  # pydantic.ValidationError or a None result
+        raise APIResponseValidationError(f"job {job.id}: result is not a ComparisonReport: {exc}") from None
+
+
+def bind_resources(client: "BaseClient") -> None:
+    client.engines = Engines(client)
+    client.trainer = Trainer(client)
+    client.patches = Patches(client)
+    client.sync = Sync(client)
+    client.comparisons = Comparisons(client)
+    client.jobs = Jobs(client)
+    client.results = Results(client)

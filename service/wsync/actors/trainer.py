@@ -1,0 +1,201 @@
+"""The trainer: owns the policy weights, prepares patches, resets to the baseline, sends updates."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import torch
+
+from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
+from wsync.patches import apply_inline, random_patch, reference_patch
+from wsync.transfer.dense import send_dense
+from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
+from wsync.transfer.meta import TensorMeta, param_metas
+from wsync.transfer.sparse import SparsePatch, payload_bytes, plan_sparse, send_sparse
+
+
+class TrainerError(RuntimeError):
+    pass
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray
+        return "127.0.0.1"
+
+
+class TrainerCore:
+    def __init__(self, device: str | None = None):
+        self.device = resolve_device(device)
+        set_cpu_threads(self.device)
+        self.model_name: str | None = None
+        self.dtype = "bfloat16"
+        self.lm = self.tokenizer = None
+        self.params: dict[str, torch.Tensor] = {}
+        self.version: str | None = None
+        self.patches: dict[str, list[SparsePatch]] = {}
+        self.group: SyncGroup | None = None
+        self.vllm_group = None
+
+    # ---- model --------------------------------------------------------------------------
+    def load(self, model: str, dtype: str = "bfloat16") -> dict:
+        self.lm, self.tokenizer = load_causal_lm(model, dtype, self.device)
+        self.model_name, self.dtype = model, dtype
+        self.params = named_params(self.lm)
+        self.version = f"base:{model}"
+        return self.info()
+
+    def reset(self) -> dict:
+        """Back to the baseline checkpoint (reloaded from disk, as the reference example does)."""
+        self._require_model()
+        return self.load(self.model_name, self.dtype)
+
+    def info(self, with_params: bool = False) -> dict:
+        if self.lm is None:
+            return {"loaded": False}
+        metas = param_metas(self.params.items())
+        out = {"loaded": True, "model": self.model_name, "dtype": self.dtype, "device": str(self.device),
+               "version": self.version, "num_tensors": len(metas),
+               "num_params": sum(m.numel for m in metas), "param_bytes": sum(m.nbytes for m in metas)}
+        if with_params:
+            out["params"] = [m.to_dict() for m in metas]
+        return out
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
+        self._require_model()
+        return greedy_generate(self.lm, self.tokenizer, prompts, max_new_tokens, self.device)
+
+    def fingerprint(self, names: list[str] | None = None) -> dict[str, str]:
+        items = self.params.items() if names is None else [(n, self.params[n]) for n in names]
+        return fingerprint(items)
+
+    # ---- patches ------------------------------------------------------------------------
+    def prepare_patch(self, patch_id: str, kind: str, spec: dict) -> dict:
+        """Apply a patch to the trainer's weights and keep it for sparse syncs."""
+        self._require_model()
+        base = self.version
+        with torch.no_grad():
+            if kind == "reference":
+                prepared = reference_patch(self.lm, self.tokenizer, spec["prompts"], spec["rows"], spec["param"])
+            elif kind == "random":
+                prepared = random_patch(self.lm, spec["density"], spec.get("params"), spec.get("seed", 0))
+            elif kind == "inline":
+                prepared = apply_inline(self.lm, [self._to_device(p) for p in spec["patches"]])
+            else:
+                raise TrainerError(f"unknown patch kind {kind!r}")
+        self.patches[patch_id] = prepared.patches
+        self.version = patch_id
+        return {
+            "base_version": base,
+            "tensors": [{"name": p.name, "dtype": str(p.values.dtype).removeprefix("torch."),
+                         "shape": list(self.params[p.name].shape), "count": int(p.indices.numel())}
+                        for p in prepared.patches],
+            "num_elements": sum(int(p.indices.numel()) for p in prepared.patches),
+            "payload_bytes": prepared.payload_bytes, "digest": prepared.digest,
+            "selected_token_ids": prepared.selected_token_ids,
+        }
+
+    def drop_patch(self, patch_id: str) -> None:
+        self.patches.pop(patch_id, None)
+
+    def _current_params(self, patch_id: str) -> dict[str, torch.Tensor] | None:
+        """The trainer's tensors may stand in for a patch (dense encoding) only while they are
+        exactly baseline + this patch, i.e. no later patch moved them on."""
+        return self.params if self.version == patch_id else None
+
+    def sparse_plan(self, patch_id: str, encoding: str) -> list[dict]:
+        specs = {m.name: m for m in param_metas(self.params.items())}
+        metas = plan_sparse(self._patch(patch_id), specs, encoding, self._current_params(patch_id))
+        return [m.to_dict() for m in metas]
+
+    # ---- transfer (reference engines: wsync's own wire) ---------------------------------
+    def rendezvous(self, world_size: int, name: str) -> dict:
+        return {"host": _node_ip(), "port": free_port(), "world_size": world_size,
+                "backend": backend_for(self.device), "name": name}
+
+    def open_group(self, rendezvous: dict) -> None:
+        self.close_group()
+        self.group = open_group(Rendezvous(**rendezvous), 0, self.device)
+
+    def close_group(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def dense_metas(self) -> list[dict]:
+        return [m.to_dict() for m in param_metas(self.params.items())]
+
+    def send_dense(self, bucket_bytes: int) -> dict:
+        group = self._require_group()
+        stats = send_dense(group, list(self.params.items()), bucket_bytes)
+        return {"send_ms": stats.ms, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes, "messages": stats.messages}
+
+    def send_sparse(self, patch_id: str, metas: list[dict]) -> dict:
+        from wsync.transfer.sparse import SparseMeta
+
+        group = self._require_group()
+        patches = self._patch(patch_id)
+        stats = send_sparse(group, patches, [SparseMeta.from_dict(m) for m in metas], self._current_params(patch_id))
+        return {"send_ms": stats.ms, "bytes": payload_bytes(patches), "wire_bytes": stats.wire_bytes,
+                "messages": stats.messages}
+
+    # ---- transfer (vLLM engines: vLLM's own trainer-side helpers) -----------------------
+    def open_vllm_group(self, rendezvous: dict) -> None:
+        from wsync.engines import vllm_adapter as va
+
+        self.close_vllm_group()
+        api = va.detect_generation()
+        self.vllm_group = (api, va.trainer_open_group(api, rendezvous["host"], rendezvous["port"], rendezvous["world_size"]))
+
+    def close_vllm_group(self) -> None:
+        if self.vllm_group is not None:
+            from wsync.engines import vllm_adapter as va
+
+            va.trainer_close_group(self.vllm_group[1])
+            self.vllm_group = None
+
+    def send_dense_vllm(self, packed: bool = False) -> dict:
+        from wsync.engines import vllm_adapter as va
+
+        api, group = self._require_vllm_group()
+        ms = va.trainer_send_dense(api, group, list(self.params.items()), packed=packed)
+        nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 0}
+
+    def send_sparse_vllm(self, patch_id: str) -> dict:
+        from wsync.engines import vllm_adapter as va
+
+        api, group = self._require_vllm_group()
+        patches = self._patch(patch_id)
+        ms = va.trainer_send_sparse(api, group, patches)
+        nbytes = payload_bytes(patches)
+        return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 2 * len(patches)}
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _require_model(self) -> None:
+        if self.lm is None:
+            raise TrainerError("trainer has no model loaded")
+
+    def _require_group(self) -> SyncGroup:
+        if self.group is None:
+            raise TrainerError("trainer has not opened a transfer group")
+        return self.group
+
+    def _require_vllm_group(self):
+        if self.vllm_group is None:
+            raise TrainerError("trainer has not opened a vLLM transfer group")
+        return self.vllm_group
+
+    def _patch(self, patch_id: str) -> list[SparsePatch]:
+        try:
+            return self.patches[patch_id]
+        except KeyError:
+            raise TrainerError(f"patch {patch_id} is not held by the trainer (it was reset or reloaded)") from None
+
+    def _to_device(self, p: SparsePatch) -> SparsePatch:
+        return SparsePatch(p.name, p.indices.to(self.device), p.values.to(self.device))

@@ -1,0 +1,371 @@
+"""`wsync` command line, built on the SDK (`wsync_client`).
+
+Exit codes: 0 ok, 1 comparison verdicts false, 2 error (API, connection, job failed or timed out), 130 ^C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel
+
+from wsync.schemas import JobInfo, JobKind, SyncReport
+from wsync_client import Client, WsyncError, report_of
+from wsync_client._core import DEFAULT_BASE_URL
+from wsync_client.errors import APIConnectionError, APIStatusError, InvalidRequestError
+from wsync_client.local import READY_TIMEOUT_S, LocalServer, ServerStartError
+
+from .report import format_report, passed
+
+ClientFactory = Callable[[str], Client]
+_MB = 1024 * 1024
+
+
+# -- output helpers ---------------------------------------------------------------------------------
+
+def _out(text: str = "") -> None:
+    print(text, file=sys.stdout, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _json(obj: Any) -> None:
+    _out(obj.model_dump_json(indent=2) if isinstance(obj, BaseModel) else json.dumps(obj, indent=2, default=str))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if hasattr(value, "isoformat"):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(getattr(value, "value", value))
+
+
+def _table(rows: Sequence[Any], columns: Sequence[str]) -> str:
+    grid = [[c.upper() for c in columns]] + [[_cell(getattr(r, c, None)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in grid)
+
+
+def _fields(obj: BaseModel, skip: Sequence[str] = ()) -> str:
+    data = {k: getattr(obj, k) for k in type(obj).model_fields if k not in skip}
+    width = max(len(k) for k in data)
+    return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in data.items())
+
+
+def _show(args: argparse.Namespace, obj: BaseModel, human: Callable[[], str]) -> int:
+    _out(obj.model_dump_json(indent=2) if args.json else human())
+    return 0
+
+
+def _sync_summary(job: JobInfo) -> str:
+    rep = SyncReport.model_validate(job.result)
+    lines = [f"{rep.mode} sync -> version {rep.version}: {rep.tensors} tensors, "
+             f"payload {rep.payload_bytes / _MB:.2f} MB, wire {rep.wire_bytes / _MB:.2f} MB, "
+             f"send {rep.send_ms:.2f} ms, total {rep.total_ms:.2f} ms, verified={rep.verified}"]
+    if rep.encoding:
+        lines[0] += f", encoding={rep.encoding}"
+    if rep.engines:
+        lines.append(_table(rep.engines, ["engine_id", "version", "recv_ms", "fingerprint_equal"]))
+    return "\n".join(lines)
+
+
+def _job_text(job: JobInfo) -> str:
+    text = _fields(job, skip=("result", "request", "events"))
+    if job.result and job.state.value == "succeeded":
+        try:
+            body = format_report(report_of(job)) if job.kind == JobKind.comparison else _sync_summary(job)
+        except Exception:  # an unexpected result shape: show it raw
+            body = json.dumps(job.result, indent=2, default=str)
+        text += "\n\n" + body
+    return text
+
+
+def _progress(json_mode: bool) -> Callable[[JobInfo], None]:
+    """on_poll callback: print new job events / state changes to stderr (humans only)."""
+    seen = {"events": 0, "state": None}
+
+    def on_poll(job: JobInfo) -> None:
+        if json_mode:
+            return
+        for ev in job.events[seen["events"]:]:
+            _err(f"[{job.id}] {ev.get('message', json.dumps(ev, default=str))}")
+        seen["events"] = len(job.events)
+        if job.state != seen["state"]:
+            seen["state"] = job.state
+            _err(f"[{job.id}] {job.state.value}")
+    return on_poll
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace, _: ClientFactory) -> int:
+    import uvicorn
+
+    from .settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run("wsync.api.app:create_app", factory=True, host=args.host or settings.host,
+                port=args.port or settings.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_engines(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        if args.action in (None, "list"):
+            page = c.engines.list()
+            return _show(args, page, lambda: _table(page.items, ["id", "kind", "state", "version", "device",
+                                                                 "syncs", "name", "model"]))
+        if args.action == "launch":
+            opts = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+            info = c.engines.launch(kind=args.kind, model=args.model, name=args.name, wait=not args.no_wait, **opts)
+        elif args.action == "generate":
+            res = c.engines.generate(args.id, args.prompts, max_new_tokens=args.max_new_tokens)
+            return _show(args, res, lambda: "\n".join(
+                f"{g.get('prompt', p)!r} -> {g.get('token_ids')} {g.get('text')!r}"
+                for p, g in zip(args.prompts, res.generations)))
+        else:
+            info = (c.engines.get if args.action == "get" else c.engines.delete)(args.id)
+        return _show(args, info, lambda: _fields(info))
+
+
+def cmd_trainer(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        if args.action == "load":
+            info = c.trainer.load(model=args.model, dtype=args.dtype)
+        elif args.action == "reset":
+            info = c.trainer.reset()
+        else:
+            info = c.trainer.get()
+        return _show(args, info, lambda: _fields(info, skip=("params",)))
+
+
+def cmd_patch(args: argparse.Namespace, factory: ClientFactory) -> int:
+    fields = {k: getattr(args, k) for k in ("rows", "density", "seed") if getattr(args, k) is not None}
+    with factory(args.url) as c:
+        info = c.patches.prepare(kind=args.kind, **fields)
+        return _show(args, info, lambda: _fields(info, skip=("tensors",)) + "\n\n"
+                     + _table(info.tensors, ["name", "dtype", "shape", "count"]))
+
+
+def _finish(args: argparse.Namespace, c: Client, job: JobInfo) -> int:
+    if args.wait:
+        job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    return _show(args, job, lambda: _job_text(job))
+
+
+def cmd_sync(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        if args.mode == "dense":
+            job = c.sync.dense(args.engine, bucket_bytes=args.bucket_bytes, verify=not args.no_verify)
+        else:
+            job = c.sync.sparse(args.engine, patch_id=args.patch, encoding=args.encoding, verify=not args.no_verify)
+        return _finish(args, c, job)
+
+
+def cmd_job(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        job = c.jobs.cancel(args.id) if args.cancel else c.jobs.get(args.id)
+        return _finish(args, c, job)
+
+
+def cmd_jobs(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        page = c.jobs.list(state=args.state, kind=args.kind, limit=args.limit)
+        return _show(args, page, lambda: _table(page.items, ["id", "kind", "state", "created_at",
+                                                             "finished_at", "error"]))
+
+
+def cmd_results(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        if args.id:
+            res = c.results.get(args.id)
+            return _show(args, res, lambda: _fields(res, skip=("data",)) + "\n\n" + json.dumps(res.data, indent=2))
+        page = c.results.list(kind=args.kind, limit=args.limit)
+        return _show(args, page, lambda: _table(page.items, ["id", "job_id", "kind", "created_at"]))
+
+
+def _compare(args: argparse.Namespace, c: Client) -> int:
+    fields = {k: v for k, v in (("engine_kind", args.engine_kind), ("model", args.model), ("rows", args.rows),
+                                ("max_new_tokens", args.max_new_tokens)) if v is not None}
+    job = c.comparisons.create(**fields)
+    if getattr(args, "no_wait", False):
+        return _show(args, job, lambda: f"{job.id} {job.state.value} (wsync job {job.id} --wait)")
+    _progress(args.json)(job)
+    job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    report = report_of(job)
+    _show(args, report, lambda: format_report(report))
+    return 0 if passed(report) else 1
+
+
+def cmd_compare(args: argparse.Namespace, factory: ClientFactory) -> int:
+    with factory(args.url) as c:
+        return _compare(args, c)
+
+
+def cmd_demo(args: argparse.Namespace, factory: ClientFactory) -> int:
+    if args.url:
+        with factory(args.url) as c:
+            return _compare(args, c)
+    server = LocalServer(port=args.port, client_factory=factory).start()
+    if not args.json:
+        _err(f"starting wsync server on {server.url} (log: {server.log_path})")
+    try:
+        try:
+            server.wait_ready(args.ready_timeout)
+        except ServerStartError as exc:
+            _err(f"error: {exc}\n--- server log ({server.log_path}) ---\n{exc.log}")
+            return 2
+        with factory(server.url) as c:
+            try:
+                return _compare(args, c)
+            except WsyncError:
+                _err(f"--- server log tail ({server.log_path}) ---\n{server.log_tail(60)}")
+                raise
+    finally:
+        server.stop()
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsync", description="wsync weight-sync control plane")
+    p.add_argument("--url", default=None, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    js = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the flag may sit at either level of a nested command (`engines --json list`).
+    js.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    wt = argparse.ArgumentParser(add_help=False)
+    wt.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    wt.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("engines", parents=[js], help="list/launch/get/delete/generate engines")
+    esub = s.add_subparsers(dest="action", metavar="ACTION")
+    esub.add_parser("list", parents=[js])
+    la = esub.add_parser("launch", parents=[js])
+    la.add_argument("--kind", default="reference", choices=["reference", "vllm"])
+    la.add_argument("--model", default=None)
+    la.add_argument("--name", default=None)
+    la.add_argument("--gpu-memory-utilization", type=float, default=None)
+    la.add_argument("--no-wait", action="store_true", help="answer at once (engine starting)")
+    for name in ("get", "delete"):
+        esub.add_parser(name, parents=[js]).add_argument("id")
+    ge = esub.add_parser("generate", parents=[js])
+    ge.add_argument("id")
+    ge.add_argument("prompts", nargs="+")
+    ge.add_argument("--max-new-tokens", type=int, default=1)
+    s.set_defaults(func=cmd_engines)
+
+    s = sub.add_parser("trainer", parents=[js], help="show, load or reset the trainer")
+    tsub = s.add_subparsers(dest="action", metavar="ACTION")
+    lo = tsub.add_parser("load", parents=[js])
+    lo.add_argument("--model", default=None)
+    lo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    tsub.add_parser("reset", parents=[js])
+    s.set_defaults(func=cmd_trainer)
+
+    s = sub.add_parser("patch", parents=[js], help="prepare a patch (applied to the trainer)")
+    s.add_argument("--kind", default="reference", choices=["reference", "random"])
+    s.add_argument("--rows", type=int, default=None)
+    s.add_argument("--density", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=cmd_patch)
+
+    s = sub.add_parser("sync", help="sync engines with the trainer")
+    ssub = s.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for mode in ("dense", "sparse"):
+        m = ssub.add_parser(mode, parents=[js, wt])
+        m.add_argument("--engine", action="append", required=True, help="engine id (repeatable)")
+        m.add_argument("--no-verify", action="store_true")
+        if mode == "dense":
+            m.add_argument("--bucket-bytes", type=int, default=None)
+        else:
+            m.add_argument("--patch", required=True, help="patch id")
+            m.add_argument("--encoding", default="flat_int32",
+                           choices=["flat_int32", "delta", "bitmask", "rows", "auto"])
+    s.set_defaults(func=cmd_sync)
+
+    def compare_args(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--engine-kind", default=None, choices=["reference", "vllm"])
+        c.add_argument("--model", default=None)
+        c.add_argument("--rows", type=int, default=None)
+        c.add_argument("--max-new-tokens", type=int, default=None)
+        c.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+
+    s = sub.add_parser("compare", parents=[js], help="dense vs sparse comparison (vLLM's rlhf_sparse_nccl)")
+    compare_args(s)
+    s.add_argument("--no-wait", action="store_true", help="print the job and return")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("demo", parents=[js], help="start a server (unless --url), run a comparison, stop it")
+    compare_args(s)
+    s.add_argument("--url", default=argparse.SUPPRESS, help="use this running service instead")
+    s.add_argument("--port", type=int, default=None, help="port for the started server (default: a free one)")
+    s.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("results", parents=[js], help="list results (newest first) or show one")
+    s.add_argument("id", nargs="?")
+    s.add_argument("--kind", default=None, choices=[k.value for k in JobKind])
+    s.add_argument("--limit", type=int, default=20)
+    s.set_defaults(func=cmd_results)
+
+    s = sub.add_parser("job", parents=[js, wt], help="show (or wait for, or cancel) a job")
+    s.add_argument("id")
+    s.add_argument("--cancel", action="store_true")
+    s.set_defaults(func=cmd_job)
+
+    s = sub.add_parser("jobs", parents=[js], help="list jobs")
+    s.add_argument("--state", default=None, choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    s.add_argument("--kind", default=None, choices=[k.value for k in JobKind])
+    s.add_argument("--limit", type=int, default=20)
+    s.set_defaults(func=cmd_jobs)
+    return p
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, APIStatusError):
+        return f"error: {exc}"  # "<status> <type>: <message> (field=..., request_id=...)"
+    if isinstance(exc, APIConnectionError):
+        return f"error: connection: {exc.message}"
+    if isinstance(exc, InvalidRequestError):
+        return f"error: invalid request: {exc.message}" + (f" (field={exc.field})" if exc.field else "")
+    return f"error: {exc}"
+
+
+def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None = None) -> int:
+    """Entry point. `client_factory(url) -> Client` is injectable (tests pass a MockTransport client)."""
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    explicit_url = getattr(args, "url", None)
+    if args.command != "demo":
+        args.url = explicit_url or os.environ.get("WSYNC_URL") or DEFAULT_BASE_URL
+    factory = client_factory or (lambda url: Client(base_url=url))
+    try:
+        return args.func(args, factory)
+    except WsyncError as exc:
+        _err(_error_line(exc))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The reference engine: a transformers model that serves greedy generation and receives dense and
+sparse updates over torch.distributed (gloo on CPU, NCCL on GPU), applying them in place.
+
+It speaks the same engine interface as the vLLM engine (see actors/vllm_engine.py)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from wsync.transfer.dense import recv_dense
+from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.group import Rendezvous, SyncGroup, open_group
+from wsync.transfer.meta import TensorMeta, param_metas
+from wsync.transfer.sparse import SparseMeta, apply_patch, recv_sparse
+
+from .hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class ReferenceEngineCore:
+    kind = "reference"
+
+    def __init__(self, model: str, device: str | None = None, options: dict | None = None):
+        options = options or {}
+        self.device = resolve_device(device)
+        set_cpu_threads(self.device)
+        self.model_name = model
+        self.lm, self.tokenizer = load_causal_lm(model, options.get("dtype", "bfloat16"), self.device)
+        self.params = named_params(self.lm)
+        self.group: SyncGroup | None = None
+        self.paused = False
+
+    # ---- serving ------------------------------------------------------------------------
+    def ready(self) -> dict:
+        return {"kind": self.kind, "model": self.model_name, "device": str(self.device),
+                "num_tensors": len(self.params)}
+
+    def health(self) -> dict:
+        return {"ok": True, "paused": self.paused, "in_group": self.group is not None}
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
+        if self.paused:
+            raise EngineError("engine is paused for a weight update")
+        return greedy_generate(self.lm, self.tokenizer, prompts, max_new_tokens, self.device)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    # ---- weights ------------------------------------------------------------------------
+    def param_metas(self) -> list[dict]:
+        return [m.to_dict() for m in param_metas(self.params.items())]
+
+    def fingerprint(self, names: list[str] | None = None) -> dict[str, str]:
+        items = self.params.items() if names is None else [(n, self.params[n]) for n in names]
+        return fingerprint(items)
+
+    def join_group(self, rendezvous: dict, rank: int) -> None:
+        self.leave_group()
+        self.group = open_group(Rendezvous(**rendezvous), rank, self.device)
+
+    def leave_group(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def recv_dense(self, update: dict) -> dict:
+        group = self._require_group()
+        metas = [TensorMeta.from_dict(m) for m in update["metas"]]
+        self._check_metas(metas)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            stats = recv_dense(group, metas, int(update["bucket_bytes"]), self.params)
+        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "bytes": stats.bytes}
+
+    def recv_sparse(self, update: dict) -> dict:
+        group = self._require_group()
+        metas = [SparseMeta.from_dict(m) for m in update["metas"]]
+        self._check_metas(metas)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            patches = recv_sparse(group, metas, self.device)
+            for patch in patches:
+                apply_patch(self.params[patch.name], patch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "elements": sum(m.count for m in metas)}
+
+    def shutdown(self) -> None:
+        self.leave_group()
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _require_group(self) -> SyncGroup:
+        if self.group is None:
+            raise EngineError("engine has not joined a transfer group")
+        return self.group
+
+    def _check_metas(self, metas) -> None:
+        """Refuse an update whose metadata does not match this engine before any byte is received."""
+        for m in metas:
+            p = self.params.get(m.name)
+            if p is None:
+                raise EngineError(f"{m.name}: no such parameter in this engine")
+            if list(p.shape) != list(m.shape) or str(p.dtype).removeprefix("torch.") != m.dtype:
+                raise EngineError(f"{m.name}: engine has {str(p.dtype).removeprefix('torch.')}{list(p.shape)}, "
+                                  f"update says {m.dtype}{list(m.shape)}")

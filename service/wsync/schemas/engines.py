@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from .common import ResponseModel, StrEnum, WireModel
+
+
+class EngineKind(StrEnum):
+    reference = "reference"
+    vllm = "vllm"
+
+
+class EngineState(StrEnum):
+    starting = "starting"
+    ready = "ready"
+    busy = "busy"
+    failed = "failed"
+    stopped = "stopped"
+
+
+class EngineLaunch(WireModel):
+    kind: EngineKind = Field(default=EngineKind.reference, description="Engine implementation.")
+    model: str | None = Field(
+        default=None,
+        description="Local HF folder or hub id. Defaults to the trainer's model, else the embedded default.",
+    )
+    name: str | None = Field(default=None, max_length=64, description="Optional human label.")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0, description="vLLM only.")
+    enforce_eager: bool = Field(default=True, description="vLLM only: disable CUDA graphs.")
+    wait: bool = Field(default=True, description="Answer once the engine is ready (else 202 at once).")
+
+    model_config = {
+        "json_schema_extra": {"examples": [{"kind": "reference"}, {"kind": "vllm", "gpu_memory_utilization": 0.6}]}
+    }
+
+
+class EngineInfo(ResponseModel):
+    id: str
+    kind: EngineKind
+    model: str
+    name: str | None = None
+    state: EngineState
+    version: str | None = Field(default=None, description="Weight version the engine serves.")
+    device: str | None = None
+    created_at: datetime
+    error: str | None = None
+    syncs: int = 0
+    details: dict = Field(default_factory=dict)
+
+
+class GenerateRequest(WireModel):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(default=1, ge=1, le=256)
+
+
+class GenerateResponse(ResponseModel):
+    engine_id: str
+    generations: list[dict]

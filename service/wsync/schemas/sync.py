@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from .common import ResponseModel, StrEnum, WireModel
+from .patches import TensorPatch
+
+
+class SparseEncoding(StrEnum):
+    flat_int32 = "flat_int32"
+    delta = "delta"
+    bitmask = "bitmask"
+    rows = "rows"
+    auto = "auto"
+
+
+class SyncDense(WireModel):
+    engine_ids: list[str] = Field(min_length=1, description="Engines to receive every parameter.")
+    bucket_bytes: int | None = Field(default=None, ge=1024, description="Flat buffer size; default from settings.")
+    verify: bool = Field(default=True, description="Compare weight fingerprints of trainer and engines afterwards.")
+
+    model_config = {"json_schema_extra": {"examples": [{"engine_ids": ["e-1a2b3c"]}]}}
+
+
+class SyncSparse(WireModel):
+    engine_ids: list[str] = Field(min_length=1)
+    patch_id: str | None = Field(default=None, description="A patch prepared with POST /v1/patches.")
+    patches: list[TensorPatch] | None = Field(default=None, description="Inline patches (applied to the trainer, then sent).")
+    encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32, description="Wire encoding; flat_int32 is vLLM's.")
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SyncSparse":
+        if (self.patch_id is None) == (not self.patches):
+            raise ValueError("give exactly one of patch_id or patches")
+        return self
+
+    model_config = {"json_schema_extra": {"examples": [{"engine_ids": ["e-1a2b3c"], "patch_id": "p-9f8e7d"}]}}
+
+
+class EngineSyncReport(ResponseModel):
+    engine_id: str
+    recv_ms: float
+    version: str
+    fingerprint_equal: bool | None = None
+
+
+class SyncReport(ResponseModel):
+    mode: str
+    engine_ids: list[str]
+    payload_bytes: int = Field(description="Bytes of tensor data the sync carries (dense: all params).")
+    wire_bytes: int = Field(description="Bytes actually broadcast.")
+    send_ms: float = Field(description="Trainer-side send time, synchronized.")
+    total_ms: float = Field(description="From job start to every engine serving the new weights.")
+    tensors: int
+    version: str
+    patch_id: str | None = None
+    encoding: str | None = None
+    verified: bool | None = None
+    engines: list[EngineSyncReport] = Field(default_factory=list)

@@ -1,0 +1,168 @@
+"""Dense sync: every tensor, in a fixed order, packed into flat uint8 buckets and broadcast from rank 0."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .group import Handle, SyncGroup
+from .meta import TensorMeta, Timer, TransferStats, bytes_view, first_device, param_metas, view_as_dtype
+from .validate import validate_params
+
+__all__ = ["plan_buckets", "send_dense", "recv_dense", "TransferStats"]
+
+
+def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
+    """Indices into `metas`, in order, packed until the next tensor would overflow `bucket_bytes`.
+
+    A tensor larger than `bucket_bytes` gets a bucket of its own.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError("bucket_bytes must be positive")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, meta in enumerate(metas):
+        if current and size + meta.nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += meta.nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _bucket_bytes(metas: Sequence[TensorMeta], bucket: list[int]) -> int:
+    return sum(metas[i].nbytes for i in bucket)
+
+
+def _is_direct(tensors: Sequence[torch.Tensor], bucket: list[int]) -> bool:
+    """A single contiguous tensor is broadcast in place (zero copy)."""
+    return len(bucket) == 1 and tensors[bucket[0]].is_contiguous()
+
+
+class _Slots:
+    """Two alternating flat buffers; a slot is reused only after its last broadcast finished."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device = device
+        self.size = size
+        self.bufs: list[torch.Tensor | None] = [None, None]
+        self.busy: list[tuple[Handle, Callable[[], None]] | None] = [None, None]
+        self.turn = 0
+
+    def _release(self, slot: int) -> None:
+        pending, self.busy[slot] = self.busy[slot], None
+        if pending is not None:
+            pending[0].wait()
+            pending[1]()
+
+    def take(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        slot, self.turn = self.turn, 1 - self.turn
+        self._release(slot)
+        if self.bufs[slot] is None:
+            self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+        return slot, self.bufs[slot][:nbytes]
+
+    def occupy(self, slot: int, work: Handle, finish: Callable[[], None] = lambda: None) -> None:
+        self.busy[slot] = (work, finish)
+
+    def drain(self) -> None:
+        for slot in (self.turn, 1 - self.turn):  # oldest first
+            self._release(slot)
+
+
+def _packed_size(metas: Sequence[TensorMeta], tensors: Sequence[torch.Tensor],
+                 buckets: list[list[int]]) -> int:
+    sizes = [_bucket_bytes(metas, b) for b in buckets if not _is_direct(tensors, b)]
+    return max(sizes, default=0)
+
+
+def _pack(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
+          buf: torch.Tensor) -> None:
+    offset = 0
+    for i in bucket:
+        n = metas[i].nbytes
+        if n:
+            buf[offset:offset + n].copy_(bytes_view(tensors[i].contiguous()))
+        offset += n
+
+
+def _write_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy raw bytes `src` (uint8) into `dst`'s storage, bit-exact."""
+    if dst.is_contiguous():
+        bytes_view(dst).copy_(src)
+    else:
+        dst.copy_(view_as_dtype(src, dst.dtype).view(dst.shape))
+
+
+def _unpack(targets: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
+            buf: torch.Tensor) -> None:
+    offset = 0
+    for i in bucket:
+        n = metas[i].nbytes
+        if n:
+            _write_bytes(targets[i], buf[offset:offset + n])
+        offset += n
+
+
+def send_dense(group: SyncGroup, named_tensors: Sequence[tuple[str, torch.Tensor]],
+               bucket_bytes: int) -> TransferStats:
+    """Broadcast every tensor from this rank (0) in `plan_buckets` order."""
+    metas = param_metas(named_tensors)
+    tensors = [t.detach() for _, t in named_tensors]
+    buckets = plan_buckets(metas, bucket_bytes)
+    device = first_device(tensors, group.device)
+    slots = _Slots(device, _packed_size(metas, tensors, buckets))
+    stats = TransferStats(bytes=sum(m.nbytes for m in metas))
+    works: list[Handle] = []
+    with torch.no_grad(), Timer(device) as timer:
+        for bucket in buckets:
+            nbytes = _bucket_bytes(metas, bucket)
+            if nbytes == 0:
+                continue
+            if _is_direct(tensors, bucket):
+                works.append(group.broadcast_async(bytes_view(tensors[bucket[0]]), src=0))
+            else:
+                slot, buf = slots.take(nbytes)
+                _pack(tensors, metas, bucket, buf)
+                slots.occupy(slot, group.broadcast_async(buf, src=0))
+            stats.wire_bytes += nbytes
+            stats.messages += 1
+        slots.drain()
+        for work in works:
+            work.wait()
+    stats.ms = timer.ms
+    return stats
+
+
+def recv_dense(group: SyncGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
+               params: Mapping[str, torch.Tensor]) -> TransferStats:
+    """Receive what `send_dense` sends, writing straight into `params` (validated first)."""
+    validate_params(metas, params)
+    targets = [params[m.name].detach() for m in metas]
+    buckets = plan_buckets(metas, bucket_bytes)
+    device = first_device(targets, group.device)
+    slots = _Slots(device, _packed_size(metas, targets, buckets))
+    stats = TransferStats(bytes=sum(m.nbytes for m in metas))
+    works: list[Handle] = []
+    with torch.no_grad(), Timer(device) as timer:
+        for bucket in buckets:
+            nbytes = _bucket_bytes(metas, bucket)
+            if nbytes == 0:
+                continue
+            if _is_direct(targets, bucket):
+                works.append(group.broadcast_async(bytes_view(targets[bucket[0]]), src=0))
+            else:
+                slot, buf = slots.take(nbytes)
+                work = group.broadcast_async(buf, src=0)
+                slots.occupy(slot, work, lambda b=bucket, f=buf: _unpack(targets, metas, b, f))
+            stats.wire_bytes += nbytes
+            stats.messages += 1
+        slots.drain()
+        for work in works:
+            work.wait()
+    stats.ms = timer.ms
+    return stats
