@@ -375,10 +375,10 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
 def resolve_model(name: str | None, cache_dir: Path | None = None) -> str:
     """Map a model name to what transformers/vLLM should load.
 
-    ``None``, ``"wsync-tiny"`` or ``"default"``: the embedded model's folder (built on first use).
+    ``None``, ``""``, ``"wsync-tiny"`` or ``"default"``: the embedded model's folder (built on first use).
     An existing local folder: its absolute path. Anything else: returned unchanged (a hub id).
     """
-    if name is None or name in DEFAULT_MODEL_ALIASES:
+    if name is None or not name.strip() or name in DEFAULT_MODEL_ALIASES:
         return str(ensure_default_model(cache_dir))
     local = Path(name).expanduser()
     if local.is_dir():
