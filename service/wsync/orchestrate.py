@@ -57,6 +57,7 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
         for rec in recs:
             if rec.info.state == EngineState.busy:
                 rec.info.state = EngineState.ready
+    total_ms = (time.perf_counter() - t0) * 1e3  # every engine serves the new weights now
     # Fingerprints only mean something when the engines should now equal the trainer (a sparse sync of
     # an older patch leaves them at that patch's version, behind a trainer that has moved on).
     comparable = verify and version == fleet.trainer_info.get("version")
@@ -64,7 +65,7 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
     report = SyncReport(
         mode=mode, engine_ids=engine_ids, payload_bytes=max(s["bytes"] for s in sends),
         wire_bytes=sum(s["wire_bytes"] for s in sends), send_ms=sum(s["send_ms"] for s in sends),
-        total_ms=(time.perf_counter() - t0) * 1e3, tensors=_tensor_count(fleet, mode, patch_id), version=version,
+        total_ms=total_ms, tensors=_tensor_count(fleet, mode, patch_id), version=version,
         patch_id=patch_id, encoding=encoding if mode == "sparse" else None, verified=verified, engines=engine_reports)
     ctx.event(f"{mode} sync done", send_ms=report.send_ms, total_ms=report.total_ms)
     return report.model_dump(mode="json")

@@ -1,0 +1,46 @@
+"""(a) the comparison through the running service with vLLM engines (trainer on GPU0, engine on GPU1);
+(b) the same with the reference engine over NCCL. Runs first: its Ray cluster is gone before (c) starts."""
+
+import json
+
+import pytest
+
+from .story import VERDICTS
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def service(report_dir):
+    from wsync_client.local import LocalServer
+
+    server = LocalServer(env={"WSYNC_DEVICE": "cuda"}, ready_timeout=600)  # private SQLite in a temp dir
+    server.start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        (report_dir / "service.log").write_text(server.log_tail(4000))
+        server.stop()
+
+
+def _compare(service, report_dir, kind: str) -> dict:
+    from wsync_client import Client
+
+    with Client(service.url, timeout=900) as c:
+        job = c.comparisons.create(engine_kind=kind, gpu_memory_utilization=0.3)
+        done = c.jobs.wait(job.id, timeout=1200)
+    (report_dir / f"service_{kind}.json").write_text(json.dumps(done.result, indent=2))
+    return done.result
+
+
+def test_a_service_comparison_vllm(service, report_dir):
+    report = _compare(service, report_dir, "vllm")
+    assert report["verdicts"] == {k: True for k in VERDICTS}, report["verdicts"]
+    assert report["sparse_payload_mb"] < 0.01 * report["dense_payload_mb"]
+
+
+def test_b_service_comparison_reference_nccl(service, report_dir):
+    report = _compare(service, report_dir, "reference")
+    assert report["verdicts"] == {k: True for k in VERDICTS}, report["verdicts"]
+    assert report["dense"]["verified"] and report["sparse"]["verified"]
