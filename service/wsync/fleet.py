@@ -25,6 +25,7 @@ log = logging.getLogger("wsync.fleet")
 class EngineRecord:
     info: EngineInfo
     handle: Any = None
+    link: str | None = None  # the transfer group the engine is in now (kept open between syncs)
 
 
 def trainer_lock() -> str:
@@ -44,6 +45,7 @@ class Fleet:
         self.trainer = None
         self.trainer_info: dict = {"loaded": False}
         self.engines: dict[str, EngineRecord] = {}
+        self.links: dict[tuple[str, ...], str] = {}  # (kind, engine ids in rank order) -> group name
         self._guard = threading.RLock()
         self._started_ray = False
 
@@ -197,6 +199,7 @@ class Fleet:
         rec = self.get_engine(engine_id)
         with self._guard:
             self.engines.pop(engine_id, None)
+        self.drop_links(engine_id)
         try:
             ray.get(rec.handle.shutdown.remote(), timeout=30)
         except Exception:
@@ -208,6 +211,18 @@ class Fleet:
     def generate(self, engine_id: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
         rec = self.ready_engines([engine_id], field="engine_id")[0]
         return self._call(rec.handle.generate.remote(prompts, max_new_tokens), f"engine {engine_id} generate")
+
+    # ---- transfer groups ----------------------------------------------------------------
+    def drop_links(self, engine_id: str | None = None) -> None:
+        """Forget (and close on the trainer) the groups that include this engine, or all groups."""
+        for key, name in list(self.links.items()):
+            if engine_id is None or engine_id in key[1:]:
+                self.links.pop(key, None)
+                if self.trainer is not None:
+                    try:
+                        ray.get(self.trainer.close_group.remote(name), timeout=60)
+                    except Exception:
+                        pass
 
     # ---- patches ------------------------------------------------------------------------
     def prepare_patch(self, req: PatchPrepare, tensors: list | None = None) -> PatchInfo:

@@ -75,25 +75,62 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecor
                 patch_id: str | None, encoding: str) -> tuple[dict, list[dict]]:
     trainer, handles, timeout = fleet.trainer, [r.handle for r in recs], fleet.timeout()
     vllm = kind == "vllm"
-    rdv = ray.get(trainer.rendezvous.remote(1 + len(recs), f"wsync-{ctx.job_id}-{kind}"), timeout=timeout)
-    opener = trainer.open_vllm_group if vllm else trainer.open_group
-    ray.get([opener.remote(rdv)] + [h.join_group.remote(rdv, i + 1) for i, h in enumerate(handles)], timeout=timeout)
+    name = _link(fleet, ctx, kind, recs)
     try:
         ray.get([h.pause.remote() for h in handles], timeout=timeout)
         if mode == "dense":
             metas = ray.get(trainer.dense_metas.remote(), timeout=timeout)
             update = {"metas": metas, "bucket_bytes": bucket, "packed": False}
-            send = trainer.send_dense_vllm.remote(False) if vllm else trainer.send_dense.remote(bucket)
+            send = trainer.send_dense_vllm.remote(name, False) if vllm else trainer.send_dense.remote(name, bucket)
             recvs = [h.recv_dense.remote(update) for h in handles]
         else:
             metas = ray.get(trainer.sparse_plan.remote(patch_id, "flat_int32" if vllm else encoding), timeout=timeout)
-            send = trainer.send_sparse_vllm.remote(patch_id) if vllm else trainer.send_sparse.remote(patch_id, metas)
+            send = (trainer.send_sparse_vllm.remote(name, patch_id) if vllm
+                    else trainer.send_sparse.remote(name, patch_id, metas))
             recvs = [h.recv_sparse.remote({"metas": metas}) for h in handles]
         out = ray.get([send, *recvs], timeout=timeout)
-        return out[0], out[1:]
+    except BaseException:
+        # A broken transfer leaves the group in an unknown state: tear it down on every side.
+        _unlink(fleet, recs, name)
+        raise
     finally:
-        closer = trainer.close_vllm_group if vllm else trainer.close_group
-        _best_effort([closer.remote()] + [h.leave_group.remote() for h in handles] + [h.resume.remote() for h in handles])
+        _best_effort([h.resume.remote() for h in handles])
+    return out[0], out[1:]
+
+
+def _link(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecord]) -> str:
+    """The open transfer group for exactly these engines (in rank order), opened if needed."""
+    key = (kind, *(r.info.id for r in recs))
+    name = fleet.links.get(key)
+    if name is not None and all(r.link == name for r in recs):
+        return name
+    if name is not None:
+        _unlink(fleet, recs, name)
+    for rec in recs:  # an engine is in one group at a time: its old groups go
+        if rec.link is not None:
+            fleet.drop_links(rec.info.id)
+    name = f"wsync-{ctx.job_id}-{kind}"
+    ctx.event(f"opening a {kind} transfer group for {len(recs)} engine(s)")
+    trainer, timeout = fleet.trainer, fleet.timeout()
+    rdv = ray.get(trainer.rendezvous.remote(1 + len(recs), name), timeout=timeout)
+    opener = trainer.open_vllm_group if kind == "vllm" else trainer.open_group
+    try:
+        ray.get([opener.remote(rdv)] + [r.handle.join_group.remote(rdv, i + 1) for i, r in enumerate(recs)],
+                timeout=timeout)
+    except BaseException:
+        _unlink(fleet, recs, name)
+        raise
+    fleet.links[key] = name
+    for rec in recs:
+        rec.link = name
+    return name
+
+
+def _unlink(fleet: Fleet, recs: list[EngineRecord], name: str) -> None:
+    fleet.links = {k: v for k, v in fleet.links.items() if v != name}
+    for rec in recs:
+        rec.link = None
+    _best_effort([fleet.trainer.close_group.remote(name)] + [r.handle.leave_group.remote() for r in recs])
 
 
 def _verify(fleet: Fleet, recs: list[EngineRecord], reports: list[EngineSyncReport], patch_id: str | None) -> bool:

@@ -67,6 +67,9 @@ def test_dense_then_sparse_sync(client, fleet):
     assert dense["result"]["verified"] is True
     assert dense["result"]["payload_bytes"] == fleet["trainer"]["param_bytes"]
     assert all(client.get(f"/v1/engines/{e}").json()["version"] == rnd["id"] for e in engines)
+    # The transfer group opened by the first sync was kept and reused by the second.
+    opened = [ev for ev in dense["events"] if "opening" in ev["message"]]
+    assert opened == [] and any("opening" in ev["message"] for ev in done["events"])
 
 
 def test_sparse_on_wrong_baseline_is_refused(client, fleet):

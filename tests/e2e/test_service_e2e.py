@@ -4,7 +4,7 @@ import pytest
 
 from wsync_client import Client, ConflictError, UnprocessableEntityError
 
-from .conftest import ServiceProcess
+from .conftest import start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -48,12 +48,12 @@ def test_training_loop_syncs(service):
             c.engines.delete(e)
 
 
-def test_results_survive_a_restart(service, service_paths):
+def test_results_survive_a_restart(service, db_path):
     with Client(service.url) as c:
         before = c.results.list(limit=200)
     assert before.total >= 5
     service.stop()
-    again = ServiceProcess(*service_paths).start()
+    again = start_service(db_path)
     try:
         with Client(again.url) as c:
             after = c.results.list(limit=200)

@@ -11,9 +11,13 @@ from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, reso
 from wsync.patches import apply_inline, random_patch, reference_patch
 from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
-from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
+from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta, param_metas
-from wsync.transfer.sparse import SparsePatch, payload_bytes, plan_sparse, send_sparse
+from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse, send_sparse
+
+
+#: Patches the trainer keeps for sparse syncs; older ones must be re-prepared (or synced dense).
+MAX_HELD_PATCHES = 64
 
 
 class TrainerError(RuntimeError):
@@ -39,8 +43,7 @@ class TrainerCore:
         self.params: dict[str, torch.Tensor] = {}
         self.version: str | None = None
         self.patches: dict[str, list[SparsePatch]] = {}
-        self.group: SyncGroup | None = None
-        self.vllm_group = None
+        self.groups: dict[str, tuple[str, object]] = {}
 
     # ---- model --------------------------------------------------------------------------
     def load(self, model: str, dtype: str = "bfloat16") -> dict:
@@ -89,6 +92,8 @@ class TrainerCore:
             else:
                 raise TrainerError(f"unknown patch kind {kind!r}")
         self.patches[patch_id] = prepared.patches
+        while len(self.patches) > MAX_HELD_PATCHES:  # oldest first: dicts keep insertion order
+            self.patches.pop(next(iter(self.patches)))
         self.version = patch_id
         return {
             "base_version": base,
@@ -113,66 +118,68 @@ class TrainerCore:
         metas = plan_sparse(self._patch(patch_id), specs, encoding, self._current_params(patch_id))
         return [m.to_dict() for m in metas]
 
-    # ---- transfer (reference engines: wsync's own wire) ---------------------------------
+    # ---- transfer groups ----------------------------------------------------------------
+    # The trainer keeps one open group per engine set (by name), so repeated syncs to the same engines
+    # pay the rendezvous and communicator set-up once.
     def rendezvous(self, world_size: int, name: str) -> dict:
         return {"host": _node_ip(), "port": free_port(), "world_size": world_size,
                 "backend": backend_for(self.device), "name": name}
 
     def open_group(self, rendezvous: dict) -> None:
-        self.close_group()
-        self.group = open_group(Rendezvous(**rendezvous), 0, self.device)
+        self.close_group(rendezvous["name"])
+        self.groups[rendezvous["name"]] = ("wsync", open_group(Rendezvous(**rendezvous), 0, self.device))
 
-    def close_group(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
+    def open_vllm_group(self, rendezvous: dict) -> None:
+        from wsync.engines import vllm_adapter as va
+
+        self.close_group(rendezvous["name"])
+        api = va.detect_generation()
+        handle = va.trainer_open_group(api, rendezvous["host"], rendezvous["port"], rendezvous["world_size"])
+        self.groups[rendezvous["name"]] = ("vllm", (api, handle))
+
+    def close_group(self, name: str | None = None) -> None:
+        """Close one group by name, or every group."""
+        for key in [name] if name is not None else list(self.groups):
+            kind, group = self.groups.pop(key, (None, None))
+            if kind == "wsync":
+                group.close()
+            elif kind == "vllm":
+                from wsync.engines import vllm_adapter as va
+
+                va.trainer_close_group(group[1])
+
+    def group_names(self) -> list[str]:
+        return sorted(self.groups)
 
     def dense_metas(self) -> list[dict]:
         return [m.to_dict() for m in param_metas(self.params.items())]
 
-    def send_dense(self, bucket_bytes: int) -> dict:
-        group = self._require_group()
-        stats = send_dense(group, list(self.params.items()), bucket_bytes)
+    def send_dense(self, group: str, bucket_bytes: int) -> dict:
+        stats = send_dense(self._group(group, "wsync"), list(self.params.items()), bucket_bytes)
         return {"send_ms": stats.ms, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes, "messages": stats.messages}
 
-    def send_sparse(self, patch_id: str, metas: list[dict]) -> dict:
-        from wsync.transfer.sparse import SparseMeta
-
-        group = self._require_group()
+    def send_sparse(self, group: str, patch_id: str, metas: list[dict]) -> dict:
         patches = self._patch(patch_id)
-        stats = send_sparse(group, patches, [SparseMeta.from_dict(m) for m in metas], self._current_params(patch_id))
+        stats = send_sparse(self._group(group, "wsync"), patches, [SparseMeta.from_dict(m) for m in metas],
+                            self._current_params(patch_id))
         return {"send_ms": stats.ms, "bytes": payload_bytes(patches), "wire_bytes": stats.wire_bytes,
                 "messages": stats.messages}
 
-    # ---- transfer (vLLM engines: vLLM's own trainer-side helpers) -----------------------
-    def open_vllm_group(self, rendezvous: dict) -> None:
+    # ---- transfer to vLLM engines: vLLM's own trainer-side helpers, so the wire is vLLM's --
+    def send_dense_vllm(self, group: str, packed: bool = False) -> dict:
         from wsync.engines import vllm_adapter as va
 
-        self.close_vllm_group()
-        api = va.detect_generation()
-        self.vllm_group = (api, va.trainer_open_group(api, rendezvous["host"], rendezvous["port"], rendezvous["world_size"]))
-
-    def close_vllm_group(self) -> None:
-        if self.vllm_group is not None:
-            from wsync.engines import vllm_adapter as va
-
-            va.trainer_close_group(self.vllm_group[1])
-            self.vllm_group = None
-
-    def send_dense_vllm(self, packed: bool = False) -> dict:
-        from wsync.engines import vllm_adapter as va
-
-        api, group = self._require_vllm_group()
-        ms = va.trainer_send_dense(api, group, list(self.params.items()), packed=packed)
+        api, handle = self._group(group, "vllm")
+        ms = va.trainer_send_dense(api, handle, list(self.params.items()), packed=packed)
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
         return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 0}
 
-    def send_sparse_vllm(self, patch_id: str) -> dict:
+    def send_sparse_vllm(self, group: str, patch_id: str) -> dict:
         from wsync.engines import vllm_adapter as va
 
-        api, group = self._require_vllm_group()
+        api, handle = self._group(group, "vllm")
         patches = self._patch(patch_id)
-        ms = va.trainer_send_sparse(api, group, patches)
+        ms = va.trainer_send_sparse(api, handle, patches)
         nbytes = payload_bytes(patches)
         return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 2 * len(patches)}
 
@@ -181,15 +188,11 @@ class TrainerCore:
         if self.lm is None:
             raise TrainerError("trainer has no model loaded")
 
-    def _require_group(self) -> SyncGroup:
-        if self.group is None:
-            raise TrainerError("trainer has not opened a transfer group")
-        return self.group
-
-    def _require_vllm_group(self):
-        if self.vllm_group is None:
-            raise TrainerError("trainer has not opened a vLLM transfer group")
-        return self.vllm_group
+    def _group(self, name: str, kind: str):
+        found = self.groups.get(name)
+        if found is None or found[0] != kind:
+            raise TrainerError(f"trainer has no open {kind} transfer group {name!r}")
+        return found[1]
 
     def _patch(self, patch_id: str) -> list[SparsePatch]:
         try:
