@@ -46,6 +46,7 @@ class Fleet:
         self.trainer_info: dict = {"loaded": False}
         self.engines: dict[str, EngineRecord] = {}
         self.links: dict[tuple[str, ...], str] = {}  # (kind, engine ids in rank order) -> group name
+        self.snapshots: list[str] = []  # weight versions the trainer holds a copy of (for deltas)
         self._guard = threading.RLock()
         self._started_ray = False
 
@@ -110,7 +111,7 @@ class Fleet:
         if self.trainer is None:
             from wsync.actors.engine import create_trainer
 
-            self.trainer = create_trainer(self.device)
+            self.trainer = create_trainer(self.device, self.settings.delta_snapshots)
         return self.trainer
 
     def load_trainer(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
@@ -223,6 +224,42 @@ class Fleet:
                         ray.get(self.trainer.close_group.remote(name), timeout=60)
                     except Exception:
                         pass
+
+    # ---- training and deltas --------------------------------------------------------------
+    def step(self, req) -> dict:
+        self.require_trainer()
+        out = self._call(self.trainer.step.remote(f"s-{uuid.uuid4().hex[:10]}", req.texts, req.optimizer, req.lr,
+                                                  req.steps), "trainer step")
+        self.refresh_trainer_version(out["version"])
+        return out
+
+    def prepare_delta_check(self, recs: list[EngineRecord]) -> str:
+        """The engines' common version, which the trainer must hold a copy of (else 409)."""
+        self.require_trainer()
+        versions = {r.info.version for r in recs}
+        if len(versions) != 1 or None in versions:
+            raise Conflict(f"a delta sync needs engines at one known version; they serve {sorted(map(str, versions))}",
+                           field="engine_ids", rule="baseline_match")
+        base = versions.pop()
+        if base not in self.snapshots:
+            raise Conflict(f"the trainer keeps no copy of version {base!r} to diff against; sync dense first",
+                           field="delta", rule="snapshot_exists")
+        return base
+
+    def prepare_delta(self, recs: list[EngineRecord]) -> PatchInfo:
+        """A patch holding exactly what changed between the engines' version and the trainer's weights."""
+        base = self.prepare_delta_check(recs)
+        patch_id = f"p-{uuid.uuid4().hex[:10]}"
+        out = self._call(self.trainer.prepare_delta.remote(patch_id, base), "delta")
+        info = PatchInfo(id=patch_id, kind="delta", created_at=utcnow(), **out)
+        self.store.add_patch(info)
+        return info
+
+    def synced(self, version: str, patch: PatchInfo | None) -> None:
+        """Tell the trainer which versions engines serve now, so it keeps the right snapshots."""
+        keep = sorted({r.info.version for r in self.engines.values() if r.info.version})
+        self.snapshots = self._call(self.trainer.mark_synced.remote(
+            version, patch.id if patch else None, patch.base_version if patch else None, keep), "snapshot")
 
     # ---- patches ------------------------------------------------------------------------
     def prepare_patch(self, req: PatchPrepare, tensors: list | None = None) -> PatchInfo:

@@ -26,14 +26,21 @@ def check_sparse_baseline(fleet: Fleet, recs: list[EngineRecord], base_version: 
 
 
 def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *, bucket_bytes: int | None = None,
-             patch_id: str | None = None, encoding: str = "flat_int32", verify: bool = True) -> dict:
+             patch_id: str | None = None, encoding: str = "flat_int32", verify: bool = True,
+             delta: bool = False) -> dict:
     t0 = time.perf_counter()
     recs = fleet.ready_engines(engine_ids)
-    version = fleet.trainer_info.get("version")
-    if mode == "sparse":
+    version, patch = fleet.trainer_info.get("version"), None
+    if delta:
+        ctx.event("diffing the trainer's weights against the engines' version")
+        patch = fleet.prepare_delta(recs)
+        patch_id = patch.id
+        ctx.event("delta ready", elements=patch.num_elements, diff_ms=patch.diff_ms, diff_gbps=patch.diff_gbps)
+    elif mode == "sparse":
         patch = fleet.store.get_patch(patch_id)
         check_sparse_baseline(fleet, recs, patch.base_version)
-        version = patch_id
+    if patch is not None:
+        version = patch.target_version or patch.id
     bucket = bucket_bytes or fleet.settings.dense_bucket_bytes
     by_kind: dict[str, list[EngineRecord]] = defaultdict(list)
     for rec in recs:
@@ -58,15 +65,20 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
             if rec.info.state == EngineState.busy:
                 rec.info.state = EngineState.ready
     total_ms = (time.perf_counter() - t0) * 1e3  # every engine serves the new weights now
+    fleet.synced(version, patch)
     # Fingerprints only mean something when the engines should now equal the trainer (a sparse sync of
     # an older patch leaves them at that patch's version, behind a trainer that has moved on).
     comparable = verify and version == fleet.trainer_info.get("version")
-    verified = _verify(fleet, recs, engine_reports, patch_id if mode == "sparse" else None) if comparable else None
+    # A delta claims the engines now equal the trainer everywhere: check every tensor then.
+    touched = [t.name for t in patch.tensors] if patch is not None and not delta else None
+    verified = _verify(fleet, recs, engine_reports, touched) if comparable else None
     report = SyncReport(
         mode=mode, engine_ids=engine_ids, payload_bytes=max(s["bytes"] for s in sends),
         wire_bytes=sum(s["wire_bytes"] for s in sends), send_ms=sum(s["send_ms"] for s in sends),
         total_ms=total_ms, tensors=_tensor_count(fleet, mode, patch_id), version=version,
-        patch_id=patch_id, encoding=encoding if mode == "sparse" else None, verified=verified, engines=engine_reports)
+        patch_id=patch_id, encoding=encoding if mode == "sparse" else None, verified=verified, engines=engine_reports,
+        diff_ms=patch.diff_ms if patch else None, diff_gbps=patch.diff_gbps if patch else None,
+        changed_fraction=patch.num_elements / max(1, fleet.trainer_info.get("num_params", 0)) if patch else None)
     ctx.event(f"{mode} sync done", send_ms=report.send_ms, total_ms=report.total_ms)
     return report.model_dump(mode="json")
 
@@ -133,11 +145,8 @@ def _unlink(fleet: Fleet, recs: list[EngineRecord], name: str) -> None:
     _best_effort([fleet.trainer.close_group.remote(name)] + [r.handle.leave_group.remote() for r in recs])
 
 
-def _verify(fleet: Fleet, recs: list[EngineRecord], reports: list[EngineSyncReport], patch_id: str | None) -> bool:
-    """Exact weight fingerprints, engine vs trainer, over the tensors both sides name alike."""
-    names = None
-    if patch_id is not None:
-        names = [t.name for t in fleet.store.get_patch(patch_id).tensors]
+def _verify(fleet: Fleet, recs: list[EngineRecord], reports: list[EngineSyncReport], names: list[str] | None) -> bool:
+    """Exact weight fingerprints, engine vs trainer, over ``names`` (None: all) both sides name alike."""
     want = ray.get(fleet.trainer.fingerprint.remote(names), timeout=fleet.timeout())
     got = ray.get([r.handle.fingerprint.remote(names) for r in recs], timeout=fleet.timeout())
     ok_all = True

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     dense_bucket_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     group_timeout_s: float = Field(default=300.0, gt=0)
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    delta_snapshots: int = Field(default=1, ge=0, description="Weight versions the trainer keeps a device copy of, "
+                                 "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
     torch_threads: int = Field(default=1, ge=1, description="torch threads inside CPU actors.")
     max_page: int = 200
 

@@ -100,3 +100,30 @@ def test_jobs_and_results_listing(client, fleet):
     finished = jobs["items"][0]["id"]
     assert client.post(f"/v1/jobs/{finished}/cancel").status_code == 409
     assert client.get("/v1/jobs/job-nope").status_code == 404
+
+
+def test_real_optimizer_step_then_delta_sync(client, fleet):
+    """A real AdamW step on the trainer, then a delta sync that sends exactly what changed."""
+    engines = fleet["engines"]
+    seed = wait_job(client, client.post("/v1/sync/dense", json={"engine_ids": engines}).json()["id"])
+    assert seed["state"] == "succeeded", seed["error"]
+    step = client.post("/v1/trainer/step", json={"optimizer": "adamw", "lr": 1e-3})
+    assert step.status_code == 200, step.text
+    assert step.json()["version"].startswith("s-") and len(step.json()["losses"]) == 1
+    done = wait_job(client, client.post("/v1/sync/sparse", json={"engine_ids": engines, "delta": True,
+                                                                 "encoding": "auto"}).json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    res = done["result"]
+    assert res["verified"] is True and res["version"] == step.json()["version"]
+    assert 0 < res["changed_fraction"] < 1 and res["diff_gbps"] > 0
+    # Nothing changed since: the next delta is empty but still a valid, verified sync.
+    again = wait_job(client, client.post("/v1/sync/sparse", json={"engine_ids": engines, "delta": True}).json()["id"])
+    assert again["state"] == "succeeded" and again["result"]["payload_bytes"] == 0
+    assert again["result"]["verified"] is True
+
+
+def test_delta_without_snapshot_is_refused(client, fleet):
+    fresh = client.post("/v1/engines", json={"kind": "reference"}).json()["id"]
+    r = client.post("/v1/sync/sparse", json={"engine_ids": [fresh], "delta": True})
+    assert r.status_code == 409 and r.json()["error"]["rule"] in ("snapshot_exists", "baseline_match")
+    client.delete(f"/v1/engines/{fresh}")

@@ -14,11 +14,11 @@ def actor_options(device: str, name: str | None = None) -> dict:
     return opts
 
 
-def create_trainer(device: str):
+def create_trainer(device: str, max_snapshots: int = 1):
     from wsync.actors.trainer import TrainerCore
 
     cls = ray.remote(TrainerCore)
-    return cls.options(**actor_options(device)).remote("cuda" if device == "cuda" else "cpu")
+    return cls.options(**actor_options(device)).remote("cuda" if device == "cuda" else "cpu", max_snapshots)
 
 
 def create_engine(kind: str, model: str, device: str, options: dict):

@@ -8,7 +8,8 @@ import time
 import torch
 
 from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
-from wsync.patches import apply_inline, random_patch, reference_patch
+from wsync.patches import apply_inline, patch_digest, random_patch, reference_patch
+from wsync.transfer.delta import Snapshot, changed_counts
 from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
@@ -34,7 +35,7 @@ def _node_ip() -> str:
 
 
 class TrainerCore:
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, max_snapshots: int = 1):
         self.device = resolve_device(device)
         set_cpu_threads(self.device)
         self.model_name: str | None = None
@@ -44,6 +45,10 @@ class TrainerCore:
         self.version: str | None = None
         self.patches: dict[str, list[SparsePatch]] = {}
         self.groups: dict[str, tuple[str, object]] = {}
+        self.optimizer = None
+        # Copies (on the trainer's device) of weight versions engines serve, for bit-exact deltas.
+        self.synced = Snapshot()
+        self.max_snapshots = max_snapshots
 
     # ---- model --------------------------------------------------------------------------
     def load(self, model: str, dtype: str = "bfloat16") -> dict:
@@ -51,6 +56,7 @@ class TrainerCore:
         self.model_name, self.dtype = model, dtype
         self.params = named_params(self.lm)
         self.version = f"base:{model}"
+        self.optimizer = None
         return self.info()
 
     def reset(self) -> dict:
@@ -104,6 +110,79 @@ class TrainerCore:
             "payload_bytes": prepared.payload_bytes, "digest": prepared.digest,
             "selected_token_ids": prepared.selected_token_ids,
         }
+
+    # ---- training and real deltas ---------------------------------------------------------
+    def step(self, step_id: str, texts: list[str], optimizer: str, lr: float, steps: int) -> dict:
+        """Real optimizer steps (causal-LM loss on ``texts``): the weights move as training moves them."""
+        self._require_model()
+        if self.optimizer is None or self.optimizer[0] != (optimizer, lr):
+            params = list(self.params.values())
+            opt = torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else torch.optim.SGD(params, lr=lr)
+            self.optimizer = ((optimizer, lr), opt)
+        opt = self.optimizer[1]
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True).to(self.device)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        t0, losses = time.perf_counter(), []
+        self.lm.train()
+        try:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss = self.lm(**batch, labels=labels).loss
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        finally:
+            self.lm.eval()
+            opt.zero_grad(set_to_none=True)
+        self._sync_device()
+        self.version = step_id
+        return {"version": step_id, "losses": losses, "step_ms": (time.perf_counter() - t0) * 1e3}
+
+    def prepare_delta(self, patch_id: str, base_version: str) -> dict:
+        """The bit-exact difference between the snapshot of ``base_version`` and the current weights."""
+        self._require_model()
+        if base_version not in self.synced:
+            raise TrainerError(f"the trainer keeps no snapshot of version {base_version!r} (it keeps "
+                               f"{self.synced.keys() or 'none'}); sync dense first")
+        self._sync_device()
+        t0 = time.perf_counter()
+        patches = self.synced.diff(base_version, self.params)
+        self._sync_device()
+        diff_s = time.perf_counter() - t0
+        self.patches[patch_id] = patches
+        compared = 2 * sum(p.numel() * p.element_size() for p in self.params.values())
+        return {
+            "base_version": base_version, "target_version": self.version,
+            "tensors": [{"name": p.name, "dtype": str(p.values.dtype).removeprefix("torch."),
+                         "shape": list(self.params[p.name].shape), "count": int(p.indices.numel())} for p in patches],
+            "num_elements": sum(int(p.indices.numel()) for p in patches),
+            "payload_bytes": payload_bytes(patches), "digest": patch_digest(patches),
+            "diff_ms": diff_s * 1e3, "diff_gbps": compared / diff_s / 1e9 if diff_s > 0 else None,
+        }
+
+    def mark_synced(self, version: str, patch_id: str | None, base_version: str | None, keep: list[str]) -> list[str]:
+        """Engines now serve ``version``. Keep a snapshot of it (moving the base's copy forward by the
+        patch when no engine needs the base any more, O(changed); else a full device copy) and drop
+        snapshots of versions no engine serves. Returns the versions kept."""
+        if self.max_snapshots > 0 and version == self.version and version not in self.synced:
+            if patch_id is not None and base_version in self.synced and base_version not in keep:
+                self.synced.update(base_version, self._patch(patch_id))
+                self.synced.rename(base_version, version)
+            else:
+                self.synced.refresh(version, self.params)
+        others = [k for k in self.synced.keys() if k != version]
+        for key in others:
+            if key not in keep:
+                self.synced.drop(key)
+        kept = self.synced.keys()
+        for key in [k for k in kept if k != version][: max(0, len(kept) - self.max_snapshots)]:
+            self.synced.drop(key)
+        if self.max_snapshots <= 0:
+            self.synced.drop(version)
+        return self.synced.keys()
+
+    def changed_elements(self, base_version: str) -> dict[str, int]:
+        return changed_counts(self.params, self.synced.get(base_version))
 
     def drop_patch(self, patch_id: str) -> None:
         self.patches.pop(patch_id, None)
@@ -187,6 +266,10 @@ class TrainerCore:
     def _require_model(self) -> None:
         if self.lm is None:
             raise TrainerError("trainer has no model loaded")
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _group(self, name: str, kind: str):
         found = self.groups.get(name)

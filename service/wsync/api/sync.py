@@ -42,8 +42,10 @@ def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep, store: Stor
             raise NotFound(f"no patch {req.patch_id!r}", field="patch_id")
         if not runner.pending(resources):  # nothing queued that could still move these engines
             check_sparse_baseline(fleet, recs, patch.base_version)
-    else:
+    elif req.patches:
         tensors = inline_patches(req.patches, fleet.trainer_specs())
+    elif not runner.pending(resources):  # delta: check what can be checked now
+        fleet.prepare_delta_check(recs)
 
     def job(ctx):
         patch_id = req.patch_id
@@ -51,7 +53,7 @@ def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep, store: Stor
             ctx.event("applying the inline patch to the trainer")
             patch_id = fleet.prepare_patch(PatchPrepare(kind=PatchKind.inline, patches=req.patches), tensors).id
         return run_sync(fleet, ctx, "sparse", req.engine_ids, patch_id=patch_id, encoding=req.encoding.value,
-                        verify=req.verify)
+                        verify=req.verify, delta=req.delta)
 
     request = req.model_dump(mode="json", exclude={"patches"})
     if req.patches:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from wsync.fleet import trainer_lock
-from wsync.schemas import TrainerInfo, TrainerLoad
+from wsync.schemas import TrainerInfo, TrainerLoad, TrainerStep, TrainerStepResult
 
 from .deps import FleetDep
 
@@ -25,3 +25,10 @@ def load(req: TrainerLoad, fleet: FleetDep) -> TrainerInfo:
 def reset(fleet: FleetDep) -> TrainerInfo:
     with fleet.holding(trainer_lock()):
         return fleet.reset_trainer()
+
+
+@router.post("/step", response_model=TrainerStepResult,
+             summary="A real optimizer step on the trainer (then POST /v1/sync/sparse with delta=true)")
+def step(req: TrainerStep, fleet: FleetDep) -> TrainerStepResult:
+    with fleet.holding(trainer_lock()):
+        return TrainerStepResult(**fleet.step(req))

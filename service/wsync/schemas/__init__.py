@@ -6,7 +6,7 @@ from .engines import EngineInfo, EngineKind, EngineLaunch, EngineState, Generate
 from .jobs import JobInfo, JobKind, JobState, ResultInfo
 from .patches import PatchInfo, PatchKind, PatchPrepare, PatchTensorInfo, TensorPatch
 from .sync import EngineSyncReport, SparseEncoding, SyncDense, SyncReport, SyncSparse
-from .trainer import ParamSpec, TrainerInfo, TrainerLoad
+from .trainer import ParamSpec, TrainerInfo, TrainerLoad, TrainerStep, TrainerStepResult
 
 __all__ = [
     "REFERENCE_PROMPTS", "ErrorBody", "ErrorDetail", "Generation", "Health", "Page",
@@ -15,5 +15,5 @@ __all__ = [
     "JobInfo", "JobKind", "JobState", "ResultInfo",
     "PatchInfo", "PatchKind", "PatchPrepare", "PatchTensorInfo", "TensorPatch",
     "EngineSyncReport", "SparseEncoding", "SyncDense", "SyncReport", "SyncSparse",
-    "ParamSpec", "TrainerInfo", "TrainerLoad",
+    "ParamSpec", "TrainerInfo", "TrainerLoad", "TrainerStep", "TrainerStepResult",
 ]

@@ -12,6 +12,7 @@ class PatchKind(StrEnum):
     reference = "reference"
     random = "random"
     inline = "inline"
+    delta = "delta"
 
 
 class TensorPatch(WireModel):
@@ -41,6 +42,8 @@ class PatchPrepare(WireModel):
             raise ValueError("density is required when kind is 'random'")
         if self.kind == PatchKind.inline and not self.patches:
             raise ValueError("patches is required (non-empty) when kind is 'inline'")
+        if self.kind == PatchKind.delta:
+            raise ValueError("delta patches are built by POST /v1/sync/sparse with delta=true")
         return self
 
     model_config = {
@@ -71,3 +74,6 @@ class PatchInfo(ResponseModel):
     payload_bytes: int = Field(description="int32 indices + values, as vLLM's sparse wire carries them.")
     digest: str = Field(description="sha256 of indices bytes + float32 values bytes (the reference's digest).")
     selected_token_ids: list[int] | None = None
+    target_version: str | None = Field(default=None, description="Version engines serve after applying it (default: the patch id).")
+    diff_ms: float | None = Field(default=None, description="delta: time to diff the trainer against the synced snapshot.")
+    diff_gbps: float | None = Field(default=None, description="delta: bytes compared (both sides) per second, GB/s.")

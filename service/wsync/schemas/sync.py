@@ -26,16 +26,19 @@ class SyncSparse(WireModel):
     engine_ids: list[str] = Field(min_length=1)
     patch_id: str | None = Field(default=None, description="A patch prepared with POST /v1/patches.")
     patches: list[TensorPatch] | None = Field(default=None, description="Inline patches (applied to the trainer, then sent).")
+    delta: bool = Field(default=False, description="Diff the trainer's weights against the version the engines "
+                        "serve (bit-exact, on the trainer's device) and send exactly what changed.")
     encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32, description="Wire encoding; flat_int32 is vLLM's.")
     verify: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> "SyncSparse":
-        if (self.patch_id is None) == (not self.patches):
-            raise ValueError("give exactly one of patch_id or patches")
+        if sum([self.patch_id is not None, bool(self.patches), self.delta]) != 1:
+            raise ValueError("give exactly one of patch_id, patches or delta=true")
         return self
 
-    model_config = {"json_schema_extra": {"examples": [{"engine_ids": ["e-1a2b3c"], "patch_id": "p-9f8e7d"}]}}
+    model_config = {"json_schema_extra": {"examples": [{"engine_ids": ["e-1a2b3c"], "patch_id": "p-9f8e7d"},
+                                                     {"engine_ids": ["e-1a2b3c"], "delta": True, "encoding": "auto"}]}}
 
 
 class EngineSyncReport(ResponseModel):
@@ -57,4 +60,7 @@ class SyncReport(ResponseModel):
     patch_id: str | None = None
     encoding: str | None = None
     verified: bool | None = None
+    diff_ms: float | None = None
+    diff_gbps: float | None = None
+    changed_fraction: float | None = Field(default=None, description="Changed elements / all elements (sparse).")
     engines: list[EngineSyncReport] = Field(default_factory=list)

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .common import ResponseModel, WireModel
+from typing import Literal
+
+from .common import REFERENCE_PROMPTS, ResponseModel, WireModel
 
 
 class TrainerLoad(WireModel):
@@ -28,3 +30,20 @@ class TrainerInfo(ResponseModel):
     param_bytes: int = 0
     num_tensors: int = 0
     params: list[ParamSpec] | None = None
+
+
+class TrainerStep(WireModel):
+    """A real optimizer step on the trainer (causal-LM loss on the texts), e.g. to produce a real delta."""
+
+    texts: list[str] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    steps: int = Field(default=1, ge=1, le=100)
+
+    model_config = {"json_schema_extra": {"examples": [{}, {"optimizer": "sgd", "lr": 0.01, "steps": 2}]}}
+
+
+class TrainerStepResult(ResponseModel):
+    version: str
+    losses: list[float]
+    step_ms: float
