@@ -25,6 +25,8 @@ from wsync.schemas import (
     SyncSparse,
     TrainerInfo,
     TrainerLoad,
+    TrainerStep,
+    TrainerStepResult,
 )
 
 from ._core import APICall, Plan, build_body, path_param
@@ -84,6 +86,10 @@ class Trainer(_Resource):
     def reset(self) -> TrainerInfo:
         return self._request("POST", "/v1/trainer/reset", cast=TrainerInfo)
 
+    def step(self, **fields: Any) -> TrainerStepResult:
+        """POST /v1/trainer/step: a real optimizer step (texts, optimizer, lr, steps)."""
+        return self._request("POST", "/v1/trainer/step", body=build_body(TrainerStep, **fields), cast=TrainerStepResult)
+
 
 class Patches(_Resource):
     def prepare(self, kind: str = "reference", **fields: Any) -> PatchInfo:
@@ -104,8 +110,12 @@ class Sync(_Resource):
         return self._request("POST", "/v1/sync/dense", body=body, cast=JobInfo)
 
     def sparse(self, engine_ids: str | Iterable[str], patch_id: str | None = None, patches: list[Any] | None = None,
-               encoding: str = "flat_int32", verify: bool = True) -> JobInfo:
+               encoding: str = "flat_int32", verify: bool = True, delta: bool = False) -> JobInfo:
+        """Exactly one source: a prepared ``patch_id``, inline ``patches``, or ``delta=True`` (the trainer's
+        bit-exact difference from the version the engines serve)."""
         fields: dict[str, Any] = {"engine_ids": _ids(engine_ids), "encoding": encoding, "verify": verify}
+        if delta:
+            fields["delta"] = True
         if patch_id is not None:
             fields["patch_id"] = getattr(patch_id, "id", patch_id)
         if patches is not None:

@@ -28,7 +28,7 @@ def test_comparison_through_the_sdk(service):
 def test_training_loop_syncs(service):
     """What a training loop does: dense seed, then sparse steps into two engines, each verified."""
     with Client(service.url, timeout=120) as c:
-        c.trainer.reset()
+        c.trainer.load()
         engines = [c.engines.launch(kind="reference").id for _ in range(2)]
         assert c.wait(c.sync.dense(engines).id, timeout=300).result["verified"]
         for step in range(3):
@@ -44,6 +44,12 @@ def test_training_loop_syncs(service):
         with pytest.raises(UnprocessableEntityError) as bad:
             c.sync.sparse(engines, patches=[{"name": "model.norm.weight", "indices": [1, 1], "values": [0.0, 1.0]}])
         assert bad.value.rule == "indices_unique" and bad.value.field == "patches.0.indices"
+        # A real optimizer step, then a delta sync: only what the step changed goes over the wire.
+        res = c.wait(c.sync.dense(engines).id, timeout=300).result  # seeds the trainer's snapshot
+        step = c.trainer.step(optimizer="adamw", lr=1e-5)
+        delta = c.wait(c.sync.sparse(engines, delta=True, encoding="auto").id, timeout=300).result
+        assert delta["verified"] and delta["version"] == step.version
+        assert 0 < delta["changed_fraction"] < 1 and delta["wire_bytes"] < res["wire_bytes"]
         for e in engines:
             c.engines.delete(e)
 

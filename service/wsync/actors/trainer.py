@@ -44,6 +44,7 @@ class TrainerCore:
         self.params: dict[str, torch.Tensor] = {}
         self.version: str | None = None
         self.patches: dict[str, list[SparsePatch]] = {}
+        self.patch_targets: dict[str, str] = {}  # patch id -> the trainer version base + patch equals
         self.groups: dict[str, tuple[str, object]] = {}
         self.optimizer = None
         # Copies (on the trainer's device) of weight versions engines serve, for bit-exact deltas.
@@ -97,9 +98,7 @@ class TrainerCore:
                 prepared = apply_inline(self.lm, [self._to_device(p) for p in spec["patches"]])
             else:
                 raise TrainerError(f"unknown patch kind {kind!r}")
-        self.patches[patch_id] = prepared.patches
-        while len(self.patches) > MAX_HELD_PATCHES:  # oldest first: dicts keep insertion order
-            self.patches.pop(next(iter(self.patches)))
+        self._hold(patch_id, prepared.patches, target=patch_id)
         self.version = patch_id
         return {
             "base_version": base,
@@ -149,7 +148,7 @@ class TrainerCore:
         patches = self.synced.diff(base_version, self.params)
         self._sync_device()
         diff_s = time.perf_counter() - t0
-        self.patches[patch_id] = patches
+        self._hold(patch_id, patches, target=self.version)
         compared = 2 * sum(p.numel() * p.element_size() for p in self.params.values())
         return {
             "base_version": base_version, "target_version": self.version,
@@ -189,8 +188,8 @@ class TrainerCore:
 
     def _current_params(self, patch_id: str) -> dict[str, torch.Tensor] | None:
         """The trainer's tensors may stand in for a patch (dense encoding) only while they are
-        exactly baseline + this patch, i.e. no later patch moved them on."""
-        return self.params if self.version == patch_id else None
+        exactly base + this patch, i.e. nothing moved them on since."""
+        return self.params if self.patch_targets.get(patch_id) == self.version else None
 
     def sparse_plan(self, patch_id: str, encoding: str) -> list[dict]:
         specs = {m.name: m for m in param_metas(self.params.items())}
@@ -266,6 +265,14 @@ class TrainerCore:
     def _require_model(self) -> None:
         if self.lm is None:
             raise TrainerError("trainer has no model loaded")
+
+    def _hold(self, patch_id: str, patches: list[SparsePatch], target: str) -> None:
+        """Keep a patch for sparse syncs; ``target`` is the version base + patch equals."""
+        self.patches[patch_id], self.patch_targets[patch_id] = patches, target
+        while len(self.patches) > MAX_HELD_PATCHES:  # oldest first: dicts keep insertion order
+            oldest = next(iter(self.patches))
+            self.patches.pop(oldest)
+            self.patch_targets.pop(oldest, None)
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
