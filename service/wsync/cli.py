@@ -145,6 +145,8 @@ def cmd_trainer(args: argparse.Namespace, factory: ClientFactory) -> int:
             info = c.trainer.load(model=args.model, dtype=args.dtype)
         elif args.action == "reset":
             info = c.trainer.reset()
+        elif args.action == "step":
+            info = c.trainer.step(optimizer=args.optimizer, lr=args.lr, steps=args.steps)
         else:
             info = c.trainer.get()
         return _show(args, info, lambda: _fields(info, skip=("params",)))
@@ -169,7 +171,8 @@ def cmd_sync(args: argparse.Namespace, factory: ClientFactory) -> int:
         if args.mode == "dense":
             job = c.sync.dense(args.engine, bucket_bytes=args.bucket_bytes, verify=not args.no_verify)
         else:
-            job = c.sync.sparse(args.engine, patch_id=args.patch, encoding=args.encoding, verify=not args.no_verify)
+            job = c.sync.sparse(args.engine, patch_id=args.patch, encoding=args.encoding, verify=not args.no_verify,
+                                delta=args.delta)
         return _finish(args, c, job)
 
 
@@ -278,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", default=None)
     lo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     tsub.add_parser("reset", parents=[js])
+    st = tsub.add_parser("step", parents=[js], help="a real optimizer step on the trainer")
+    st.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    st.add_argument("--lr", type=float, default=1e-4)
+    st.add_argument("--steps", type=int, default=1)
     s.set_defaults(func=cmd_trainer)
 
     s = sub.add_parser("patch", parents=[js], help="prepare a patch (applied to the trainer)")
@@ -296,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
         if mode == "dense":
             m.add_argument("--bucket-bytes", type=int, default=None)
         else:
-            m.add_argument("--patch", required=True, help="patch id")
+            src = m.add_mutually_exclusive_group(required=True)
+            src.add_argument("--patch", help="patch id")
+            src.add_argument("--delta", action="store_true",
+                             help="send what changed since the engines' version (bit-exact diff on the trainer)")
             m.add_argument("--encoding", default="flat_int32",
                            choices=["flat_int32", "delta", "bitmask", "rows", "auto"])
     s.set_defaults(func=cmd_sync)
