@@ -9,6 +9,7 @@ from .patches import TensorPatch
 class SparseEncoding(StrEnum):
     flat_int32 = "flat_int32"
     delta = "delta"
+    delta8 = "delta8"
     bitmask = "bitmask"
     rows = "rows"
     auto = "auto"

@@ -4,6 +4,8 @@ Layouts (c = count, values are the param dtype's raw bits, indices sorted ascend
   flat_int32: int32 indices (given order) | values               (vLLM's wire, sent as two broadcasts)
   delta:      values | gaps (uint8 / int16-as-uint16 / int32), gap0 = i0, gapk = ik - ik-1 - 1;
               the width is (nbytes - c*itemsize) / c
+  delta8:     values | uint8 gaps with escapes: a gap g is written as g // 255 bytes of 255 then g % 255,
+              so dense-ish patches (gaps mostly < 255) cost ~1 index byte per element
   bitmask:    values | ceil(numel/8) bytes, bit j of byte b marks element 8b+j
   (an empty patch is 0 bytes in every encoding)
   rows:       values (whole rows, row-major) | int32 row ids    (2-D tensors, whole rows only)
@@ -19,10 +21,12 @@ import torch
 
 from .meta import INT32_MAX, TensorMeta, bytes_view, dtype_name, torch_dtype, view_as_dtype
 
-FLAT, DELTA, BITMASK, ROWS, DENSE, AUTO = "flat_int32", "delta", "bitmask", "rows", "dense", "auto"
-ENCODINGS = (FLAT, DELTA, BITMASK, ROWS, AUTO)  # what callers may ask for
-WIRE_ENCODINGS = (FLAT, DELTA, BITMASK, ROWS, DENSE)  # what a SparseMeta may carry
-AUTO_ORDER = (DELTA, ROWS, BITMASK, DENSE)  # tie-break among equal sizes
+FLAT, DELTA, DELTA8, BITMASK, ROWS, DENSE, AUTO = (
+    "flat_int32", "delta", "delta8", "bitmask", "rows", "dense", "auto")
+ENCODINGS = (FLAT, DELTA, DELTA8, BITMASK, ROWS, AUTO)  # what callers may ask for
+WIRE_ENCODINGS = (FLAT, DELTA, DELTA8, BITMASK, ROWS, DENSE)  # what a SparseMeta may carry
+AUTO_ORDER = (DELTA8, DELTA, ROWS, BITMASK, DENSE)  # tie-break among equal sizes
+_ESC = 255
 _GAP_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
@@ -106,11 +110,12 @@ def _rows_ok(s: torch.Tensor, shape: list[int]) -> torch.Tensor:
     return same_row & (m[:, 0] % cols == 0).all()
 
 
-def _index_stats(s: torch.Tensor, shape: list[int]) -> tuple[int, int, int, bool]:
-    """(min gap, max gap, last index, rows_ok) with one host sync; s non-empty and sorted."""
+def _index_stats(s: torch.Tensor, shape: list[int]) -> tuple[int, int, int, bool, int]:
+    """(min gap, max gap, last index, rows_ok, delta8 escape bytes) with one host sync; s sorted, non-empty."""
     g = _gaps(s)
-    stats = torch.stack([g.min(), g.max(), s[-1], _rows_ok(s, shape).long()]).tolist()
-    return int(stats[0]), int(stats[1]), int(stats[2]), bool(stats[3])
+    esc = torch.div(g.clamp(min=0), _ESC, rounding_mode="floor").sum()
+    stats = torch.stack([g.min(), g.max(), s[-1], _rows_ok(s, shape).long(), esc]).tolist()
+    return int(stats[0]), int(stats[1]), int(stats[2]), bool(stats[3]), int(stats[4])
 
 
 def candidate_sizes(patch: SparsePatch, spec: TensorMeta, full_ok: bool) -> dict[str, int]:
@@ -118,12 +123,13 @@ def candidate_sizes(patch: SparsePatch, spec: TensorMeta, full_ok: bool) -> dict
     c, isz, numel = patch.count, spec.itemsize, spec.numel
     sizes = {BITMASK: c * isz + (numel + 7) // 8 if c else 0}
     if c == 0:  # nothing to send, whatever the encoding
-        sizes[DELTA] = sizes[ROWS] = 0
+        sizes[DELTA] = sizes[DELTA8] = sizes[ROWS] = 0
     else:
-        min_gap, max_gap, last, rows_ok = _index_stats(_sorted(patch)[0], spec.shape)
+        min_gap, max_gap, last, rows_ok, escapes = _index_stats(_sorted(patch)[0], spec.shape)
         if min_gap < 0 or last >= numel:
             raise ValueError(f"{spec.name}: indices must be unique and in [0, {numel})")
         sizes[DELTA] = c * (isz + _gap_width(max_gap))
+        sizes[DELTA8] = c * (isz + 1) + escapes
         if rows_ok:
             sizes[ROWS] = c * isz + (c // spec.shape[1]) * 4
     if full_ok or c == numel:
@@ -160,6 +166,25 @@ def _decode_gaps(raw: torch.Tensor, width: int) -> torch.Tensor:
     return g & 0xFFFF if width == 2 else g
 
 
+def _encode_escaped(s: torch.Tensor) -> torch.Tensor:
+    """delta8 gap bytes: each gap g as g // 255 escape bytes (255) followed by g % 255."""
+    g = _gaps(s)
+    if bool((g < 0).any()):
+        raise ValueError("delta8 gaps need sorted unique indices")
+    k = torch.div(g, _ESC, rounding_mode="floor")
+    ends = torch.cumsum(k + 1, 0) - 1  # where each element's final byte goes
+    out = torch.full((int(ends[-1]) + 1,), _ESC, dtype=torch.uint8, device=s.device)
+    out[ends] = (g - k * _ESC).to(torch.uint8)
+    return out
+
+
+def _decode_escaped(raw: torch.Tensor) -> torch.Tensor:
+    """Inverse of _encode_escaped: escape bytes add 255, other bytes close an element (gap + 1)."""
+    b = raw.long()
+    pos = torch.cumsum(torch.where(b == _ESC, b, b + 1), 0) - 1
+    return pos[b != _ESC]
+
+
 def _encode_dense(patch: SparsePatch, spec: TensorMeta, full: torch.Tensor | None) -> torch.Tensor:
     if patch.count == spec.numel:
         return bytes_view(_sorted(patch)[1].contiguous())
@@ -175,6 +200,8 @@ def _encode_sorted(patch: SparsePatch, meta: SparseMeta) -> torch.Tensor:
     vals_b = bytes_view(vals.contiguous())
     if meta.encoding == DELTA:
         tail = _encode_gaps(s, (meta.nbytes - vals_b.numel()) // meta.count)
+    elif meta.encoding == DELTA8:
+        tail = _encode_escaped(s)
     elif meta.encoding == BITMASK:
         tail = _pack_bits(s, meta.spec.numel)
     else:  # ROWS
@@ -213,6 +240,11 @@ def _decode_indices(meta: SparseMeta, tail: torch.Tensor) -> torch.Tensor:
         if width not in _GAP_DTYPES or width * c != tail.numel():
             raise ValueError(f"{meta.name}: {tail.numel()} gap bytes for {c} indices")
         return torch.cumsum(_decode_gaps(tail, width) + 1, 0) - 1
+    if meta.encoding == DELTA8:
+        idx = _decode_escaped(tail)
+        if idx.numel() != c:
+            raise ValueError(f"{meta.name}: delta8 stream holds {idx.numel()} indices, meta says {c}")
+        return idx
     if meta.encoding == BITMASK:
         idx = _unpack_bits(tail, numel)
         if idx.numel() != c:
