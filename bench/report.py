@@ -22,9 +22,11 @@ HOWTO = """\
 ## Running the bench (bench/README)
 
 ```
-# GPU machine, 2 GPUs (sender = GPU0 / rank 0, receiver = GPU1 / rank 1), vLLM 0.24 installed:
-python bench/sync_bench.py --device cuda --shape qwen2.5-0.5b,qwen2.5-3b --iters 10 \\
-    --max-minutes 8 --out bench/results/h100x2.json
+# GPU machine, 2 GPUs (sender = GPU0 / rank 0, receiver = GPU1 / rank 1), with the devpack unpacked
+# (docs/gpu.md steps 1-2; send the last part with `bash .devpack/receive.sh && scripts/bench-gpu $OUT/b`):
+scripts/bench-gpu OUTDIR          # = python bench/sync_bench.py --device cuda --shape qwen2.5-0.5b,qwen2.5-3b \\
+                                  #     --iters 10 --max-minutes 8 --out OUTDIR/h100x2.json (+ env)
+# the run on this page used --max-minutes 5.5 (the session's GPU time), so the 3B shape did not run
 # CPU, two processes over gloo (ratios only):
 python bench/sync_bench.py --device cpu --shape tiny --skip-vllm --out bench/results/cpu.json
 # this page:
@@ -184,7 +186,7 @@ def _why(r: dict, t: dict, absolute: bool) -> str:
     return f"{fmt(t['value'])} vs bound {fmt(t['bound'])}"
 
 
-def render_result(r: dict, png: str | None) -> list[str]:
+def render_result(r: dict, png: str | None, notes: str | None = None) -> list[str]:
     gpu = r.get("device") == "cuda"
     vinfo = r.get("vllm") or {}
     title = f"## {r.get('machine', '?')}: {r.get('model', '?')}"
@@ -206,6 +208,8 @@ def render_result(r: dict, png: str | None) -> list[str]:
     missed = [t for t in targets(r) if t["status"] == "missed"]
     if missed:
         out += ["", "Missed, with the numbers:", ""] + [f"- `{t['target']}`: {_why(r, t, gpu)}" for t in missed]
+    if notes:  # hand-written analysis of this run, kept next to its JSON
+        out += ["", notes.strip()]
     if png:
         out += ["", f"![{r.get('machine')}]({png})"]
     for shape, sub in (r.get("shapes") or {}).items():
@@ -230,7 +234,8 @@ def render(paths: list[Path], doc: Path) -> str:
         r = json.loads(path.read_text())
         png = path.with_suffix(".png")
         rel = os.path.relpath(png, doc.parent) if png.exists() else None
-        lines += render_result(r, rel) + [""]
+        notes = path.with_suffix(".notes.md")
+        lines += render_result(r, rel, notes.read_text() if notes.exists() else None) + [""]
     lines += [DEFINITIONS, HOWTO]
     return "\n".join(lines).rstrip() + "\n"
 
