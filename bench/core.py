@@ -15,6 +15,7 @@ import torch
 from wsync.engines.hf import named_params
 from wsync.transfer.delta import Snapshot
 from wsync.transfer.dense import recv_dense, send_dense
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.encodings import SparseMeta
 from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta
@@ -81,6 +82,7 @@ def setup_core(ctx: Ctx) -> dict:
     ctx.metas = hf_metas(shape)
     ctx.specs = {m.name: m for m in ctx.metas}
     ctx.weights = make_weights(ctx.metas, ctx.device, seed=1)
+    flatten_params(ctx.weights, ctx.cfg["bucket_bytes"])  # as the service's trainer lays them out
     ctx.gen = torch.Generator(device=ctx.device).manual_seed(7)
     rdv = ctx.rdv("core")
     info = ctx.start("setup_core", rdv=rdv.to_dict(), metas=[m.to_dict() for m in ctx.metas])
@@ -232,6 +234,7 @@ def rx_setup_core(rx: Ctx, rdv: dict, metas: list[dict]) -> dict:
     lm = build_reference_lm(get_shape(rx.cfg["shape"]), rx.device)
     rx.extra["lm"] = lm
     rx.weights = named_params(lm)
+    flatten_params(rx.weights, rx.cfg["bucket_bytes"])  # as the service's reference engine lays them out
     rx.metas = [TensorMeta.from_dict(m) for m in metas]
     validate_params(rx.metas, rx.weights)
     rx.ready({"params": len(rx.weights)})

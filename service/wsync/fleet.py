@@ -111,7 +111,7 @@ class Fleet:
         if self.trainer is None:
             from wsync.actors.engine import create_trainer
 
-            self.trainer = create_trainer(self.device, self.settings.delta_snapshots)
+            self.trainer = create_trainer(self.device, self.settings.delta_snapshots, self.settings.dense_bucket_bytes)
         return self.trainer
 
     def load_trainer(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
@@ -155,7 +155,8 @@ class Fleet:
         engine_id = f"e-{uuid.uuid4().hex[:8]}"
         info = EngineInfo(id=engine_id, kind=req.kind, model=model, name=req.name, state=EngineState.starting,
                           version=f"base:{model}", created_at=utcnow())
-        options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager}
+        options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager,
+                   "bucket_bytes": self.settings.dense_bucket_bytes}
         rec = EngineRecord(info=info, handle=create_engine(req.kind.value, model, self.device, options))
         with self._guard:
             self.engines[engine_id] = rec

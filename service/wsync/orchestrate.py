@@ -78,7 +78,8 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
         total_ms=total_ms, tensors=_tensor_count(fleet, mode, patch_id), version=version,
         patch_id=patch_id, encoding=encoding if mode == "sparse" else None, verified=verified, engines=engine_reports,
         diff_ms=patch.diff_ms if patch else None, diff_gbps=patch.diff_gbps if patch else None,
-        changed_fraction=patch.num_elements / max(1, fleet.trainer_info.get("num_params", 0)) if patch else None)
+        changed_fraction=patch.num_elements / max(1, fleet.trainer_info.get("num_params", 0)) if patch else None,
+        messages=sum(s.get("messages", 0) for s in sends), zero_copy=sum(s.get("zero_copy", 0) for s in sends))
     ctx.event(f"{mode} sync done", send_ms=report.send_ms, total_ms=report.total_ms)
     return report.model_dump(mode="json")
 

@@ -66,6 +66,8 @@ def test_dense_then_sparse_sync(client, fleet):
     assert dense["state"] == "succeeded", dense["error"]
     assert dense["result"]["verified"] is True
     assert dense["result"]["payload_bytes"] == fleet["trainer"]["param_bytes"]
+    # The trainer's parameters sit in the wire's buckets: every broadcast left from their own storage.
+    assert dense["result"]["zero_copy"] == dense["result"]["messages"] >= 1
     assert all(client.get(f"/v1/engines/{e}").json()["version"] == rnd["id"] for e in engines)
     # The transfer group opened by the first sync was kept and reused by the second.
     opened = [ev for ev in dense["events"] if "opening" in ev["message"]]

@@ -14,11 +14,12 @@ def actor_options(device: str, name: str | None = None) -> dict:
     return opts
 
 
-def create_trainer(device: str, max_snapshots: int = 1):
+def create_trainer(device: str, max_snapshots: int = 1, bucket_bytes: int | None = None):
     from wsync.actors.trainer import TrainerCore
 
     cls = ray.remote(TrainerCore)
-    return cls.options(**actor_options(device)).remote("cuda" if device == "cuda" else "cpu", max_snapshots)
+    return cls.options(**actor_options(device)).remote("cuda" if device == "cuda" else "cpu", max_snapshots,
+                                                   bucket_bytes)
 
 
 def create_engine(kind: str, model: str, device: str, options: dict):

@@ -12,6 +12,7 @@ from wsync.patches import apply_inline, patch_digest, random_patch, reference_pa
 from wsync.transfer.delta import Snapshot, changed_counts
 from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta, param_metas
 from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse, send_sparse
@@ -35,7 +36,7 @@ def _node_ip() -> str:
 
 
 class TrainerCore:
-    def __init__(self, device: str | None = None, max_snapshots: int = 1):
+    def __init__(self, device: str | None = None, max_snapshots: int = 1, bucket_bytes: int | None = None):
         self.device = resolve_device(device)
         set_cpu_threads(self.device)
         self.model_name: str | None = None
@@ -50,12 +51,15 @@ class TrainerCore:
         # Copies (on the trainer's device) of weight versions engines serve, for bit-exact deltas.
         self.synced = Snapshot()
         self.max_snapshots = max_snapshots
+        self.bucket_bytes = bucket_bytes  # parameters are laid out in the dense wire's buckets (zero copy)
 
     # ---- model --------------------------------------------------------------------------
     def load(self, model: str, dtype: str = "bfloat16") -> dict:
         self.lm, self.tokenizer = load_causal_lm(model, dtype, self.device)
         self.model_name, self.dtype = model, dtype
         self.params = named_params(self.lm)
+        if self.bucket_bytes:
+            flatten_params(self.params, self.bucket_bytes)
         self.version = f"base:{model}"
         self.optimizer = None
         return self.info()
@@ -234,7 +238,8 @@ class TrainerCore:
 
     def send_dense(self, group: str, bucket_bytes: int) -> dict:
         stats = send_dense(self._group(group, "wsync"), list(self.params.items()), bucket_bytes)
-        return {"send_ms": stats.ms, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes, "messages": stats.messages}
+        return {"send_ms": stats.ms, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes, "messages": stats.messages,
+                "zero_copy": stats.zero_copy}
 
     def send_sparse(self, group: str, patch_id: str, metas: list[dict]) -> dict:
         patches = self._patch(patch_id)

@@ -11,6 +11,7 @@ import torch
 
 from wsync.transfer.dense import recv_dense
 from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, SyncGroup, open_group
 from wsync.transfer.meta import TensorMeta, param_metas
 from wsync.transfer.sparse import SparseMeta, apply_patch, recv_sparse
@@ -32,6 +33,8 @@ class ReferenceEngineCore:
         self.model_name = model
         self.lm, self.tokenizer = load_causal_lm(model, options.get("dtype", "bfloat16"), self.device)
         self.params = named_params(self.lm)
+        if options.get("bucket_bytes"):  # lay parameters out as the dense wire's buckets: zero-copy receive
+            flatten_params(self.params, int(options["bucket_bytes"]))
         self.group: SyncGroup | None = None
         self.paused = False
 
@@ -78,7 +81,8 @@ class ReferenceEngineCore:
         t0 = time.perf_counter()
         with torch.no_grad():
             stats = recv_dense(group, metas, int(update["bucket_bytes"]), self.params)
-        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "bytes": stats.bytes}
+        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "bytes": stats.bytes, "zero_copy": stats.zero_copy,
+                "messages": stats.messages}
 
     def recv_sparse(self, update: dict) -> dict:
         group = self._require_group()

@@ -64,4 +64,6 @@ class SyncReport(ResponseModel):
     diff_ms: float | None = None
     diff_gbps: float | None = None
     changed_fraction: float | None = Field(default=None, description="Changed elements / all elements (sparse).")
+    messages: int | None = Field(default=None, description="Broadcasts the trainer made.")
+    zero_copy: int | None = Field(default=None, description="Of those, sent straight from parameter storage (dense).")
     engines: list[EngineSyncReport] = Field(default_factory=list)

@@ -38,9 +38,30 @@ def _bucket_bytes(metas: Sequence[TensorMeta], bucket: list[int]) -> int:
     return sum(metas[i].nbytes for i in bucket)
 
 
+def _storage_view(tensors: Sequence[torch.Tensor], bucket: list[int], nbytes: int) -> torch.Tensor | None:
+    """The bucket's bytes as one uint8 view of the tensors' own storage, when they lie back to back in
+    bucket order (a single contiguous tensor, or parameters laid out by `flat.flatten_params`); else None.
+    Sending or receiving through it needs no pack/unpack copy, and the wire is the same either way."""
+    first = tensors[bucket[0]]
+    storage, expected = first.untyped_storage(), first.data_ptr()
+    for i in bucket:
+        t = tensors[i]
+        if t.numel() == 0:
+            continue
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr()
+                or t.data_ptr() != expected):
+            return None
+        expected += t.numel() * t.element_size()
+    start = first.data_ptr() - storage.data_ptr()
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,))
+
+
 def _is_direct(tensors: Sequence[torch.Tensor], bucket: list[int]) -> bool:
-    """A single contiguous tensor is broadcast in place (zero copy)."""
-    return len(bucket) == 1 and tensors[bucket[0]].is_contiguous()
+    return _storage_view(tensors, bucket, _bucket_nbytes(tensors, bucket)) is not None
+
+
+def _bucket_nbytes(tensors: Sequence[torch.Tensor], bucket: list[int]) -> int:
+    return sum(tensors[i].numel() * tensors[i].element_size() for i in bucket)
 
 
 class _Slots:
@@ -123,8 +144,10 @@ def send_dense(group: SyncGroup, named_tensors: Sequence[tuple[str, torch.Tensor
             nbytes = _bucket_bytes(metas, bucket)
             if nbytes == 0:
                 continue
-            if _is_direct(tensors, bucket):
-                works.append(group.broadcast_async(bytes_view(tensors[bucket[0]]), src=0))
+            view = _storage_view(tensors, bucket, nbytes)
+            if view is not None:
+                works.append(group.broadcast_async(view, src=0))
+                stats.zero_copy += 1
             else:
                 slot, buf = slots.take(nbytes)
                 _pack(tensors, metas, bucket, buf)
@@ -153,8 +176,10 @@ def recv_dense(group: SyncGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
             nbytes = _bucket_bytes(metas, bucket)
             if nbytes == 0:
                 continue
-            if _is_direct(targets, bucket):
-                works.append(group.broadcast_async(bytes_view(targets[bucket[0]]), src=0))
+            view = _storage_view(targets, bucket, nbytes)
+            if view is not None:
+                works.append(group.broadcast_async(view, src=0))
+                stats.zero_copy += 1
             else:
                 slot, buf = slots.take(nbytes)
                 work = group.broadcast_async(buf, src=0)

@@ -72,12 +72,14 @@ def param_metas(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[Tenso
 
 @dataclass
 class TransferStats:
-    """What one send/recv moved: payload bytes, bytes broadcast, wall ms, broadcast count."""
+    """What one send/recv moved: payload bytes, bytes broadcast, wall ms, broadcast count, and how many
+    of those broadcasts went straight from/into the tensors' own storage (no pack/unpack copy)."""
 
     bytes: int = 0
     wire_bytes: int = 0
     ms: float = 0.0
     messages: int = 0
+    zero_copy: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
