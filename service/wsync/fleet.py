@@ -288,6 +288,8 @@ class Fleet:
             return ray.get(ref, timeout=timeout or self.timeout())
         except ray.exceptions.GetTimeoutError:
             raise Unavailable(f"{what} timed out") from None
+        except ray.exceptions.RayActorError as exc:
+            raise Unavailable(f"{what}: the actor is gone ({_short(exc)})") from exc
         except ray.exceptions.RayTaskError as exc:
             raise ServiceError(f"{what} failed: {_short(exc)}") from exc
 
