@@ -129,3 +129,13 @@ def test_delta_without_snapshot_is_refused(client, fleet):
     r = client.post("/v1/sync/sparse", json={"engine_ids": [fresh], "delta": True})
     assert r.status_code == 409 and r.json()["error"]["rule"] in ("snapshot_exists", "baseline_match")
     client.delete(f"/v1/engines/{fresh}")
+
+
+def test_dead_engine_answers_503(client, fleet):
+    import ray
+
+    eid = client.post("/v1/engines", json={"kind": "reference"}).json()["id"]
+    ray.kill(client.app.state.wsync.fleet.engines[eid].handle)  # the engine process dies under us
+    r = client.post(f"/v1/engines/{eid}/generate", json={"prompts": ["Hello"]})
+    assert r.status_code == 503 and "gone" in r.json()["error"]["message"]
+    assert client.delete(f"/v1/engines/{eid}").json()["state"] == "stopped"
