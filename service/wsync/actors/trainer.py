@@ -9,7 +9,7 @@ import torch
 
 from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 from wsync.patches import apply_inline, patch_digest, random_patch, reference_patch
-from wsync.transfer.delta import Snapshot, changed_counts
+from wsync.transfer.delta import Snapshot
 from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
@@ -104,15 +104,8 @@ class TrainerCore:
                 raise TrainerError(f"unknown patch kind {kind!r}")
         self._hold(patch_id, prepared.patches, target=patch_id)
         self.version = patch_id
-        return {
-            "base_version": base,
-            "tensors": [{"name": p.name, "dtype": str(p.values.dtype).removeprefix("torch."),
-                         "shape": list(self.params[p.name].shape), "count": int(p.indices.numel())}
-                        for p in prepared.patches],
-            "num_elements": sum(int(p.indices.numel()) for p in prepared.patches),
-            "payload_bytes": prepared.payload_bytes, "digest": prepared.digest,
-            "selected_token_ids": prepared.selected_token_ids,
-        }
+        return {"base_version": base, **self._summary(prepared.patches), "payload_bytes": prepared.payload_bytes,
+                "digest": prepared.digest, "selected_token_ids": prepared.selected_token_ids}
 
     # ---- training and real deltas ---------------------------------------------------------
     def step(self, step_id: str, texts: list[str], optimizer: str, lr: float, steps: int) -> dict:
@@ -155,10 +148,7 @@ class TrainerCore:
         self._hold(patch_id, patches, target=self.version)
         compared = 2 * sum(p.numel() * p.element_size() for p in self.params.values())
         return {
-            "base_version": base_version, "target_version": self.version,
-            "tensors": [{"name": p.name, "dtype": str(p.values.dtype).removeprefix("torch."),
-                         "shape": list(self.params[p.name].shape), "count": int(p.indices.numel())} for p in patches],
-            "num_elements": sum(int(p.indices.numel()) for p in patches),
+            "base_version": base_version, "target_version": self.version, **self._summary(patches),
             "payload_bytes": payload_bytes(patches), "digest": patch_digest(patches),
             "diff_ms": diff_s * 1e3, "diff_gbps": compared / diff_s / 1e9 if diff_s > 0 else None,
         }
@@ -183,12 +173,6 @@ class TrainerCore:
         if self.max_snapshots <= 0:
             self.synced.drop(version)
         return self.synced.keys()
-
-    def changed_elements(self, base_version: str) -> dict[str, int]:
-        return changed_counts(self.params, self.synced.get(base_version))
-
-    def drop_patch(self, patch_id: str) -> None:
-        self.patches.pop(patch_id, None)
 
     def _current_params(self, patch_id: str) -> dict[str, torch.Tensor] | None:
         """The trainer's tensors may stand in for a patch (dense encoding) only while they are
@@ -230,9 +214,6 @@ class TrainerCore:
 
                 va.trainer_close_group(group[1])
 
-    def group_names(self) -> list[str]:
-        return sorted(self.groups)
-
     def dense_metas(self) -> list[dict]:
         return [m.to_dict() for m in param_metas(self.params.items())]
 
@@ -270,6 +251,13 @@ class TrainerCore:
     def _require_model(self) -> None:
         if self.lm is None:
             raise TrainerError("trainer has no model loaded")
+
+    def _summary(self, patches: list[SparsePatch]) -> dict:
+        """The per-tensor part of a PatchInfo."""
+        return {"tensors": [{"name": p.name, "dtype": str(p.values.dtype).removeprefix("torch."),
+                             "shape": list(self.params[p.name].shape), "count": int(p.indices.numel())}
+                            for p in patches],
+                "num_elements": sum(int(p.indices.numel()) for p in patches)}
 
     def _hold(self, patch_id: str, patches: list[SparsePatch], target: str) -> None:
         """Keep a patch for sparse syncs; ``target`` is the version base + patch equals."""
