@@ -45,7 +45,7 @@ python bench/report.py bench/results/h100x2.json bench/results/cpu.json --out do
   from the sender's after a sync (fingerprints); 2: some section failed (see `errors`).
 - `--iters N` measured syncs per variant after the first and `--warmup` (2) more; steady = their
   median. `--densities`, `--encodings` (reference engine; the vLLM engine gets `auto`),
-  `--bucket-mb` (wsync dense bucket, 64), `--gpu-util` (vLLM, 0.4), `--gpus 0,1`.
+  `--bucket-mb` (wsync dense bucket, 256 = the service default), `--gpu-util` (vLLM, 0.4), `--gpus 0,1`.
 - `--fake-vllm`: a CPU test double of the vLLM engine and vLLM's trainer helpers (bench/fake_vllm.py)
   that runs the vLLM phase's flow and the real `WsyncWorkerExtension` direct methods over gloo; its
   numbers mean nothing (the unit tests use it).

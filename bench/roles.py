@@ -5,6 +5,7 @@ exit. Each sees one GPU (CUDA_VISIBLE_DEVICES), so a vLLM engine in the receiver
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -57,6 +58,14 @@ def _run_section(ctx: Any, fn: Any) -> dict:
     return res
 
 
+def _hard_exit_if_asked(ctx: Any) -> None:
+    """After close_vllm: leave now (the OS frees the GPU), without vLLM's or NCCL's teardown."""
+    if ctx.extra.get("hard_exit"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def sender_main(driver_conn, peer_conn, cfg: dict) -> None:
     device = _setup_process(cfg, cfg.get("sender_gpu"))
     from .core import Ctx
@@ -80,6 +89,7 @@ def sender_main(driver_conn, peer_conn, cfg: dict) -> None:
             ctx.peer.send("exit")
         except Exception:  # noqa: BLE001 - the receiver may be gone
             pass
+        _hard_exit_if_asked(ctx)
         for g in {id(g): g for g in (ctx.group, ctx.data) if g is not None}.values():
             g.close()
 
@@ -106,6 +116,7 @@ def receiver_main(peer_conn, cfg: dict) -> None:
             except BaseException as exc:  # noqa: BLE001 - reported to the sender, keep serving
                 rx.peer.error(exc)
     finally:
+        _hard_exit_if_asked(rx)
         engine = rx.extra.get("engine")
         if engine is not None:
             try:

@@ -33,7 +33,7 @@ from bench.shapes import get_shape, hf_metas, total_bytes  # noqa: E402
 
 CORE = ["setup_core", "nccl_floor", "ref_dense", "ref_sparse"]
 VLLM = ["setup_vllm", "wsync_vllm_dense", "vllm_dense_unpacked", "vllm_dense_packed", "vllm_sparse", "close_vllm"]
-SECTION_TIMEOUT_S = {"setup_vllm": 600.0, "close_vllm": 90.0}
+SECTION_TIMEOUT_S = {"setup_vllm": 600.0, "close_vllm": 30.0}
 DEFAULT_TIMEOUT_S = 300.0
 DENSITIES = "0.001,0.01,0.03,0.1,0.3"
 
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="syncs after the first, before the measured ones")
     p.add_argument("--densities", default=DENSITIES)
     p.add_argument("--encodings", default="flat_int32,auto", help="wsync sparse encodings (reference engine)")
-    p.add_argument("--bucket-mb", type=float, default=64.0, help="wsync dense bucket size (MiB)")
+    p.add_argument("--bucket-mb", type=float, default=256.0,
+                   help="wsync dense bucket size (MiB; the service's default WSYNC_DENSE_BUCKET_BYTES)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/<device>.json)")
     p.add_argument("--plot", default=None, help="PNG (default: --out with .png)")
     p.add_argument("--skip-vllm", action="store_true")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from wsync.transfer.dense import send_dense
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, open_group
 from wsync.transfer.meta import dtype_name
 
@@ -53,6 +54,7 @@ def setup_vllm(ctx: Ctx) -> dict:
     ctx.metas = hf_metas(shape)
     ctx.specs = {m.name: m for m in ctx.metas}
     ctx.weights = make_weights(ctx.metas, ctx.device, seed=2)
+    flatten_params(ctx.weights, ctx.cfg["bucket_bytes"])  # as the service's trainer lays them out
     ctx.gen = torch.Generator(device=ctx.device).manual_seed(11)
     ctx.extra["layout"] = layout = runtime_layout(ctx.metas, shape.tied)
     ctx.extra["rt_shapes"] = runtime_shapes(layout, ctx.metas)
@@ -180,8 +182,12 @@ def vllm_sparse(ctx: Ctx) -> dict:
 
 
 def close_vllm(ctx: Ctx) -> dict:
-    _va(ctx).trainer_close_group(ctx.extra.pop("tgroup", None))
+    """The last section of the phase: both processes then leave with os._exit (roles.py), which frees
+    the GPUs at once. vLLM's own teardown (engine shutdown, its NCCL communicator) is skipped: it hung
+    for the whole 90 s section timeout in the first GPU run, and nothing is measured after it."""
+    ctx.extra.pop("tgroup", None)
     ctx.peer.call("vllm_close")
+    ctx.extra["hard_exit"] = True
     return {}
 
 
@@ -270,12 +276,10 @@ def rx_vllm_wsync_sparse(rx: Ctx) -> dict:
 
 
 def rx_vllm_close(rx: Ctx) -> dict:
-    engine = rx.extra.pop("engine", None)
+    engine = rx.extra.get("engine")
     if engine is not None:
-        try:
-            engine.llm.collective_rpc("wsync_close_sync_group")
-        finally:
-            engine.shutdown()
+        engine.llm.collective_rpc("wsync_close_sync_group")
+    rx.extra["hard_exit"] = True  # no engine.shutdown(): see close_vllm
     return {}
 
 

@@ -634,13 +634,18 @@ class WsyncWorkerExtension:
 
     def wsync_recv_dense_direct(self) -> dict:
         """Receive one wsync dense sync (send_dense's bucket stream: plan_buckets order, double-buffered,
-        single big tensors zero-copy) straight into the runtime parameter slices of the map."""
-        from wsync.transfer.dense import recv_dense
+        single big tensors zero-copy) straight into the runtime parameter slices of the map, through a
+        DenseReceiver kept with the map (rebuilt with it), so each sync is one broadcast and at most one
+        fused copy per bucket."""
+        from wsync.transfer.dense import DenseReceiver
 
         group, m = self._wsync_ready()
         with torch.no_grad():
-            stats = recv_dense(group, m["metas"], m["bucket_bytes"], m["targets"])
-        return {"recv_ms": stats.ms, "bytes": stats.bytes, "messages": stats.messages}
+            if m.get("receiver") is None:  # built on the first dense sync: staging buffers, byte views
+                m["receiver"] = DenseReceiver(m["metas"], m["bucket_bytes"], m["targets"], self.device)
+            stats = m["receiver"].recv(group)
+        return {"recv_ms": stats.ms, "bytes": stats.bytes, "messages": stats.messages,
+                "zero_copy": stats.zero_copy}
 
     def wsync_recv_sparse_direct(self, metas: list) -> dict:
         """Receive one wsync sparse sync (send_sparse's wire: flat_int32 patches, then one packed stream)

@@ -10,7 +10,7 @@ from .group import Handle, SyncGroup
 from .meta import TensorMeta, Timer, TransferStats, bytes_view, first_device, param_metas, view_as_dtype
 from .validate import validate_params
 
-__all__ = ["plan_buckets", "send_dense", "recv_dense", "TransferStats"]
+__all__ = ["plan_buckets", "send_dense", "recv_dense", "DenseReceiver", "TransferStats"]
 
 
 def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[list[int]]:
@@ -101,8 +101,39 @@ def _packed_size(metas: Sequence[TensorMeta], tensors: Sequence[torch.Tensor],
     return max(sizes, default=0)
 
 
+def _byte_pairs(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
+                buf: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """(the tensors' raw-byte views, the matching slices of `buf`) for one bucket, empty tensors left
+    out; None when some tensor is not contiguous (no byte view of it exists)."""
+    views, slices, offset = [], [], 0
+    for i in bucket:
+        n = metas[i].nbytes
+        if n:
+            if not tensors[i].is_contiguous():
+                return None
+            views.append(bytes_view(tensors[i]))
+            slices.append(buf[offset:offset + n])
+        offset += n
+    return views, slices
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """dst[k].copy_(src[k]) for all k: one fused multi-tensor copy where the build has it."""
+    if not dsts:
+        return
+    try:
+        torch._foreach_copy_(dsts, srcs)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        for d, s in zip(dsts, srcs):
+            d.copy_(s)
+
+
 def _pack(tensors: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
           buf: torch.Tensor) -> None:
+    pairs = _byte_pairs(tensors, metas, bucket, buf)
+    if pairs is not None:
+        _copy_all(pairs[1], pairs[0])
+        return
     offset = 0
     for i in bucket:
         n = metas[i].nbytes
@@ -119,14 +150,23 @@ def _write_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(view_as_dtype(src, dst.dtype).view(dst.shape))
 
 
-def _unpack(targets: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
-            buf: torch.Tensor) -> None:
-    offset = 0
-    for i in bucket:
-        n = metas[i].nbytes
-        if n:
-            _write_bytes(targets[i], buf[offset:offset + n])
-        offset += n
+def _unpack_fn(targets: Sequence[torch.Tensor], metas: Sequence[TensorMeta], bucket: list[int],
+               buf: torch.Tensor) -> Callable[[], None]:
+    """What writes a received bucket into `targets`: one fused copy of precomputed byte views when every
+    target is contiguous (the views are built once, here), else a copy per tensor."""
+    pairs = _byte_pairs(targets, metas, bucket, buf)
+    if pairs is not None:
+        dsts, srcs = pairs
+        return lambda: _copy_all(dsts, srcs)
+
+    def unpack() -> None:
+        offset = 0
+        for i in bucket:
+            n = metas[i].nbytes
+            if n:
+                _write_bytes(targets[i], buf[offset:offset + n])
+            offset += n
+    return unpack
 
 
 def send_dense(group: SyncGroup, named_tensors: Sequence[tuple[str, torch.Tensor]],
@@ -161,33 +201,72 @@ def send_dense(group: SyncGroup, named_tensors: Sequence[tuple[str, torch.Tensor
     return stats
 
 
+class DenseReceiver:
+    """Receives what `send_dense` sends into fixed `params`, any number of times.
+
+    Built once (validation, bucket plan, the two staging buffers and every bucket's byte views), so a
+    sync only posts one broadcast per bucket and, for a staged bucket, one fused copy out of it while
+    the next bucket arrives. Buckets whose targets already lie back to back (`flat.flatten_params`, or
+    one big tensor) are received in place. Keep one per (metas, params) while neither changes; the
+    staging buffers (at most 2 x the largest staged bucket) live as long as the receiver.
+    """
+
+    def __init__(self, metas: Sequence[TensorMeta], bucket_bytes: int, params: Mapping[str, torch.Tensor],
+                 device: torch.device | None = None) -> None:
+        validate_params(metas, params)
+        self.metas = list(metas)
+        targets = [params[m.name].detach() for m in self.metas]
+        self.device = first_device(targets, device or torch.device("cpu"))
+        self.bytes = sum(m.nbytes for m in self.metas)
+        buckets = [b for b in plan_buckets(self.metas, bucket_bytes) if _bucket_bytes(self.metas, b)]
+        staged = [b for b in buckets if _storage_view(targets, b, _bucket_bytes(self.metas, b)) is None]
+        size = max((_bucket_bytes(self.metas, b) for b in staged), default=0)
+        bufs = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(staged)))]
+        # per bucket: (wire view, staging slot or -1, finish); the j-th staged bucket uses slot j % 2
+        self.steps: list[tuple[torch.Tensor, int, Callable[[], None]]] = []
+        j = 0
+        for b in buckets:
+            nbytes = _bucket_bytes(self.metas, b)
+            view = _storage_view(targets, b, nbytes)
+            if view is not None:
+                self.steps.append((view, -1, lambda: None))
+            else:
+                buf = bufs[j % 2][:nbytes]
+                self.steps.append((buf, j % 2, _unpack_fn(targets, self.metas, b, buf)))
+                j += 1
+
+    def recv(self, group: SyncGroup) -> TransferStats:
+        stats = TransferStats(bytes=self.bytes)
+        busy: list[tuple[Handle, Callable[[], None]] | None] = [None, None]
+        works: list[Handle] = []
+
+        def release(slot: int) -> None:
+            pending, busy[slot] = busy[slot], None
+            if pending is not None:
+                pending[0].wait()
+                pending[1]()
+
+        with torch.no_grad(), Timer(self.device) as timer:
+            for wire, slot, finish in self.steps:
+                if slot < 0:
+                    works.append(group.broadcast_async(wire, src=0))
+                    stats.zero_copy += 1
+                else:
+                    release(slot)  # its previous bucket is written out before the buffer is refilled
+                    busy[slot] = (group.broadcast_async(wire, src=0), finish)
+                stats.wire_bytes += wire.numel()
+                stats.messages += 1
+            last = next((s for _, s, _ in reversed(self.steps) if s >= 0), 0)
+            release(1 - last)  # oldest first
+            release(last)
+            for work in works:
+                work.wait()
+        stats.ms = timer.ms
+        return stats
+
+
 def recv_dense(group: SyncGroup, metas: Sequence[TensorMeta], bucket_bytes: int,
                params: Mapping[str, torch.Tensor]) -> TransferStats:
-    """Receive what `send_dense` sends, writing straight into `params` (validated first)."""
-    validate_params(metas, params)
-    targets = [params[m.name].detach() for m in metas]
-    buckets = plan_buckets(metas, bucket_bytes)
-    device = first_device(targets, group.device)
-    slots = _Slots(device, _packed_size(metas, targets, buckets))
-    stats = TransferStats(bytes=sum(m.nbytes for m in metas))
-    works: list[Handle] = []
-    with torch.no_grad(), Timer(device) as timer:
-        for bucket in buckets:
-            nbytes = _bucket_bytes(metas, bucket)
-            if nbytes == 0:
-                continue
-            view = _storage_view(targets, bucket, nbytes)
-            if view is not None:
-                works.append(group.broadcast_async(view, src=0))
-                stats.zero_copy += 1
-            else:
-                slot, buf = slots.take(nbytes)
-                work = group.broadcast_async(buf, src=0)
-                slots.occupy(slot, work, lambda b=bucket, f=buf: _unpack(targets, metas, b, f))
-            stats.wire_bytes += nbytes
-            stats.messages += 1
-        slots.drain()
-        for work in works:
-            work.wait()
-    stats.ms = timer.ms
-    return stats
+    """Receive what `send_dense` sends, writing straight into `params` (validated first). One-shot;
+    keep a `DenseReceiver` to receive into the same parameters repeatedly."""
+    return DenseReceiver(metas, bucket_bytes, params, group.device).recv(group)
