@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from wsync.transfer.encodings import FLAT, SparseMeta, SparsePatch, encode
+from wsync.transfer.encodings import FLAT, SparseMeta, SparsePatch
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.group import SyncGroup
-from wsync.transfer.sparse import plan_sparse, stream_layout
+from wsync.transfer.sparse import pack_stream, plan_sparse
 
 
 class CheckError(RuntimeError):
@@ -141,14 +141,10 @@ def mutate(weights: Mapping[str, torch.Tensor], density: float, gen: torch.Gener
 # ---- wsync sparse, split into build and send (the exact wire of wsync.transfer.sparse.send_sparse) --
 def build_sparse(patches: Sequence[SparsePatch], specs: Mapping, encoding: str,
                  params: Mapping[str, torch.Tensor], device: torch.device) -> tuple[list[SparseMeta], torch.Tensor]:
-    """plan_sparse + encode every non-flat patch into the one packed stream (8-byte aligned sections)."""
+    """plan_sparse + encode every non-flat patch into the one packed stream (8-byte aligned sections),
+    as send_sparse builds it: one batched pack_stream call (no host sync after the plan's)."""
     metas = plan_sparse(patches, specs, encoding, params)
-    by_name = {p.name: p for p in patches}
-    offsets, total = stream_layout(metas)
-    stream = torch.zeros(total, dtype=torch.uint8, device=device)
-    for meta, off in zip([m for m in metas if m.encoding != FLAT], offsets):
-        stream[off:off + meta.nbytes].copy_(encode(by_name[meta.name], meta, params.get(meta.name)))
-    return metas, stream
+    return metas, pack_stream(patches, metas, params, device)
 
 
 def send_sparse_wire(group: SyncGroup, metas: Sequence[SparseMeta], patches: Sequence[SparsePatch],

@@ -3,6 +3,10 @@
 `flat_int32` metas go as vLLM does (per patch: indices, then values; one broadcast each, metas
 order). All other metas go in ONE packed uint8 stream after them; each tensor's section starts at
 an 8-byte aligned offset (zero padding), in metas order.
+
+Planning, packing and unpacking are batched over all tensors of a sync (see encodings.py and the
+enc_* modules): one host sync to plan (two when some patch is not ascending), none to pack the
+stream of patches just planned, one to unpack and check it.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from .encodings import (
-    AUTO, AUTO_ORDER, DENSE, ENCODINGS, FLAT, SparseMeta, SparsePatch, candidate_sizes, check_numel,
-    decode, encode,
+    AUTO, AUTO_ORDER, DENSE, ENCODINGS, FLAT, IndexStats, SparseMeta, SparsePatch, check_numel, decode,
+    decode_many, encode, encode_pieces, encoded_sizes, plan_stats,
 )
 from .group import Handle, SyncGroup
 from .meta import TensorMeta, Timer, TransferStats, first_device
@@ -21,7 +25,7 @@ from .meta import TensorMeta, Timer, TransferStats, first_device
 __all__ = [
     "SparsePatch", "SparseMeta", "ENCODINGS", "plan_sparse", "send_sparse", "recv_sparse",
     "recv_sparse_with_stats", "apply_patch", "apply_patches", "payload_bytes", "stream_layout",
-    "encode", "decode",
+    "encode", "decode", "pack_stream",
 ]
 ALIGN = 8
 
@@ -31,14 +35,12 @@ def payload_bytes(patches: Iterable[SparsePatch]) -> int:
     return sum(p.count * 4 + p.count * p.values.element_size() for p in patches)
 
 
-def _plan_one(patch: SparsePatch, spec: TensorMeta, encoding: str, full_ok: bool) -> SparseMeta:
-    check_numel(spec)
-    if patch.values.dtype != spec.torch_dtype:
-        raise ValueError(f"{patch.name}: values are {patch.values.dtype}, parameter is {spec.dtype}")
+def _plan_one(patch: SparsePatch, spec: TensorMeta, encoding: str, full_ok: bool,
+              st: IndexStats | None) -> SparseMeta:
     if encoding == FLAT:
         enc, nbytes = FLAT, patch.count * (4 + spec.itemsize)
     else:
-        sizes = candidate_sizes(patch, spec, full_ok)
+        sizes = encoded_sizes(patch.count, spec, full_ok, st)
         if encoding == AUTO:
             enc = min(sizes, key=lambda e: (sizes[e], AUTO_ORDER.index(e)))
         elif encoding in sizes:
@@ -57,16 +59,32 @@ def plan_sparse(patches: Sequence[SparsePatch], specs: Mapping[str, TensorMeta],
 
     `dense` (auto only) needs every element: it is a candidate when the patch covers the whole
     tensor, or when `params` holds the sender's tensor, which must then equal baseline + patch.
+
+    All patches' index statistics come from one batched pass with one host sync (per device; a
+    second only when some patch's indices are not ascending) and are cached on the indices, so
+    `encode` / `send_sparse` of the same patches neither sort nor sync again.
     """
     encoding = str(getattr(encoding, "value", encoding))
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
-    metas = []
+    items: list[tuple[SparsePatch, TensorMeta, bool]] = []
+    host_error: ValueError | None = None
     for patch in patches:
-        if patch.name not in specs:
-            raise ValueError(f"{patch.name}: no such parameter")
-        full_ok = params is not None and patch.name in params
-        metas.append(_plan_one(patch, specs[patch.name], encoding, full_ok))
+        try:
+            if patch.name not in specs:
+                raise ValueError(f"{patch.name}: no such parameter")
+            spec = specs[patch.name]
+            check_numel(spec)
+            if patch.values.dtype != spec.torch_dtype:
+                raise ValueError(f"{patch.name}: values are {patch.values.dtype}, parameter is {spec.dtype}")
+        except ValueError as exc:  # raised after the patches before it, as a per-patch loop would
+            host_error = exc
+            break
+        items.append((patch, spec, params is not None and patch.name in params))
+    stats = plan_stats([p for p, _, _ in items], [spec for _, spec, _ in items], encoding)
+    metas = [_plan_one(p, spec, encoding, full_ok, st) for (p, spec, full_ok), st in zip(items, stats)]
+    if host_error is not None:
+        raise host_error
     return metas
 
 
@@ -92,13 +110,47 @@ def _by_name(patches: Sequence[SparsePatch]) -> dict[str, SparsePatch]:
 
 def _pack_stream(metas: Sequence[SparseMeta], patches: Mapping[str, SparsePatch],
                  params: Mapping[str, torch.Tensor] | None, device: torch.device) -> torch.Tensor:
-    offsets, total = stream_layout(metas)
-    stream = torch.zeros(total, dtype=torch.uint8, device=device)
+    """The packed (non-flat) sections in metas order, each zero-padded to ALIGN: batched encode and
+    ONE concatenation (no host sync for patches just planned)."""
+    total = stream_layout(metas)[1]
     packed = [m for m in metas if m.encoding != FLAT]
-    for meta, offset in zip(packed, offsets):
-        full = params.get(meta.name) if params is not None else None
-        stream[offset:offset + meta.nbytes].copy_(encode(patches[meta.name], meta, full))
-    return stream
+    items = [(patches[m.name], m, params.get(m.name) if params is not None else None) for m in packed]
+    zeros = torch.zeros(ALIGN, dtype=torch.uint8, device=device)
+    parts: list[torch.Tensor] = []
+    for meta, pieces in zip(packed, encode_pieces(items)):
+        parts += [p if p.device == device else p.to(device) for p in pieces]
+        pad = -(-meta.nbytes // ALIGN) * ALIGN - meta.nbytes
+        if pad:
+            parts.append(zeros[:pad])
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return torch.zeros(total, dtype=torch.uint8, device=device)
+    return torch.cat(parts)
+
+
+def pack_stream(patches: Sequence[SparsePatch], metas: Sequence[SparseMeta],
+                params: Mapping[str, torch.Tensor] | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The packed uint8 stream `send_sparse` broadcasts for these planned patches (the non-flat
+    metas' sections, `stream_layout` order and padding), on `device` (default: the first patch's).
+    Batched: a few kernels per encoding and no host sync for patches just planned by `plan_sparse`;
+    byte-identical to `encode` of each patch copied to its `stream_layout` offset."""
+    by_name = _by_name(patches)
+    missing = [m.name for m in metas if m.encoding != FLAT and m.name not in by_name]
+    if missing:
+        raise ValueError(f"no patch for {missing}")
+    dev = torch.device(device) if device is not None else first_device((p.values for p in patches),
+                                                                        torch.device("cpu"))
+    with torch.no_grad():
+        return _pack_stream(metas, by_name, params, dev)
+
+
+def _decode_stream(metas: Sequence[SparseMeta], stream: torch.Tensor) -> list[SparsePatch]:
+    """The packed (non-flat) metas' patches from a stream laid out by `stream_layout` (metas order,
+    flat ones left out): batched decode, one host sync."""
+    offsets, _ = stream_layout(metas)
+    packed = [m for m in metas if m.encoding != FLAT]
+    return decode_many(packed, [stream[o:o + m.nbytes] for m, o in zip(packed, offsets)])
 
 
 def send_sparse(group: SyncGroup, patches: Sequence[SparsePatch], metas: Sequence[SparseMeta],
@@ -152,7 +204,7 @@ def recv_sparse_with_stats(group: SyncGroup, metas: Sequence[SparseMeta],
                 stats.wire_bytes += meta.nbytes
                 stats.messages += 2
             out[i] = SparsePatch(meta.name, idx, vals)
-        offsets, total = stream_layout(metas)
+        total = stream_layout(metas)[1]
         stream = torch.empty(total, dtype=torch.uint8, device=dev)
         if total:
             works.append(group.broadcast_async(stream, src=0))
@@ -161,8 +213,8 @@ def recv_sparse_with_stats(group: SyncGroup, metas: Sequence[SparseMeta],
         for work in works:
             work.wait()
         packed = [i for i, m in enumerate(metas) if m.encoding != FLAT]
-        for i, offset in zip(packed, offsets):
-            out[i] = decode(metas[i], stream[offset:offset + metas[i].nbytes])
+        for i, patch in zip(packed, _decode_stream(metas, stream)):
+            out[i] = patch
     stats.ms = timer.ms
     return [p for p in out if p is not None], stats
 
