@@ -14,12 +14,12 @@ import torch
 
 from wsync.engines.hf import named_params
 from wsync.transfer.delta import Snapshot
-from wsync.transfer.dense import recv_dense, send_dense
+from wsync.transfer.dense import DenseReceiver, send_dense
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.encodings import SparseMeta
 from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta
-from wsync.transfer.sparse import apply_patches, recv_sparse_with_stats
+from wsync.transfer.sparse import apply_patches, post_sparse
 from wsync.transfer.validate import validate_params
 
 from .proto import (
@@ -255,23 +255,22 @@ def rx_floor(rx: Ctx, nbytes: int, n: int) -> dict:
 def rx_dense_ref(rx: Ctx) -> dict:
     rx.ready()
     rx.group.barrier()
-    st = recv_dense(rx.data, rx.metas, rx.cfg["bucket_bytes"], rx.weights)
+    if "dense_rx" not in rx.extra:  # built once, as the reference engine keeps it
+        rx.extra["dense_rx"] = DenseReceiver(rx.metas, rx.cfg["bucket_bytes"], rx.weights, rx.device)
+    st = rx.extra["dense_rx"].recv(rx.data)
     rx.group.barrier()
     return {"recv_ms": st.ms, "fp": fingerprints(rx.weights)}
 
 
-def rx_metas(rx: Ctx) -> list[SparseMeta]:
-    metas = [SparseMeta.from_dict(d) for d in rx.peer.recv("data")]
-    rx.peer.send("data", "got")
-    return metas
-
-
 def rx_sparse_ref(rx: Ctx) -> dict:
+    """Metas in, receives posted, then "got" (so the sender's send time is the wire's), decode, apply."""
     rx.ready()
     rx.group.barrier()
-    metas = rx_metas(rx)
+    metas = [SparseMeta.from_dict(d) for d in rx.peer.recv("data")]
     clock = Clock(rx.device).start()
-    patches, st = recv_sparse_with_stats(rx.data, metas, rx.device)
+    pending = post_sparse(rx.data, metas, rx.device)
+    rx.peer.send("data", "got")
+    patches, st = pending.wait()
     apply_patches(rx.weights, patches)
     recv_ms = clock.stop()
     rx.group.barrier()

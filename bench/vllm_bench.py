@@ -239,16 +239,18 @@ def _timed_engine_step(rx: Ctx, fn) -> dict:
     rx.ready()
     rx.group.barrier()
     clock = Clock(rx.device).start()
-    fn(engine)
+    parts = fn(engine) or {}
     recv_ms = clock.stop()
     rx.group.barrier()
-    return {"recv_ms": recv_ms, "fp": engine.fingerprint()}
+    return {**{f"rx_{k}": v for k, v in parts.items() if isinstance(v, (int, float))},
+            "recv_ms": recv_ms, "fp": engine.fingerprint()}
 
 
 def rx_vllm_wsync_dense(rx: Ctx) -> dict:
-    def fn(engine) -> None:
-        engine.llm.collective_rpc("wsync_recv_dense_direct")
+    def fn(engine) -> dict:
+        got = engine.llm.collective_rpc("wsync_recv_dense_direct")[0]
         engine.llm.reset_prefix_cache()
+        return got
 
     return _timed_engine_step(rx, fn)
 
@@ -268,9 +270,13 @@ def rx_vllm_native_sparse(rx: Ctx) -> dict:
 
 
 def rx_vllm_wsync_sparse(rx: Ctx) -> dict:
-    def fn(engine) -> None:
-        engine.llm.collective_rpc("wsync_recv_sparse_direct", args=(_metas_from_sender(rx),))
+    def fn(engine) -> dict:
+        """Post the receives, then tell the sender to go (its send time is then the wire's), then finish."""
+        posted = engine.llm.collective_rpc("wsync_post_sparse_direct", args=(rx.peer.recv("data"),))[0]
+        rx.peer.send("data", "got")
+        done = engine.llm.collective_rpc("wsync_finish_sparse_direct")[0]
         engine.llm.reset_prefix_cache()
+        return {**posted, **done}
 
     return _timed_engine_step(rx, fn)
 

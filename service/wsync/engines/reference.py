@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from wsync.transfer.dense import recv_dense
+from wsync.transfer.dense import DenseReceiver
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, SyncGroup, open_group
@@ -80,9 +80,18 @@ class ReferenceEngineCore:
         self._check_metas(metas)
         t0 = time.perf_counter()
         with torch.no_grad():
-            stats = recv_dense(group, metas, int(update["bucket_bytes"]), self.params)
+            stats = self._dense_receiver(metas, int(update["bucket_bytes"])).recv(group)
         return {"recv_ms": (time.perf_counter() - t0) * 1e3, "bytes": stats.bytes, "zero_copy": stats.zero_copy,
                 "messages": stats.messages}
+
+    def _dense_receiver(self, metas: list[TensorMeta], bucket_bytes: int) -> DenseReceiver:
+        """One DenseReceiver per (layout, bucket size), kept between syncs: its validation, plan and views
+        are built before the first sync, not while the trainer waits for this engine to post."""
+        key = (tuple((m.name, m.dtype, tuple(m.shape)) for m in metas), bucket_bytes)
+        cached = getattr(self, "_dense_rx", None)
+        if cached is None or cached[0] != key:
+            cached = self._dense_rx = (key, DenseReceiver(metas, bucket_bytes, self.params, self.device))
+        return cached[1]
 
     def recv_sparse(self, update: dict) -> dict:
         group = self._require_group()

@@ -11,6 +11,7 @@ stream of patches just planned, one to unpack and check it.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from .meta import TensorMeta, Timer, TransferStats, first_device
 
 __all__ = [
     "SparsePatch", "SparseMeta", "ENCODINGS", "plan_sparse", "send_sparse", "recv_sparse",
-    "recv_sparse_with_stats", "apply_patch", "apply_patches", "payload_bytes", "stream_layout",
+    "recv_sparse_with_stats", "post_sparse", "SparseReceive", "apply_patch", "apply_patches", "payload_bytes", "stream_layout",
     "encode", "decode", "pack_stream",
 ]
 ALIGN = 8
@@ -186,37 +187,66 @@ def send_sparse(group: SyncGroup, patches: Sequence[SparsePatch], metas: Sequenc
     return stats
 
 
+class SparseReceive:
+    """A sparse receive whose buffers are allocated and broadcasts posted at construction (`post_sparse`);
+    `wait()` then waits for them and decodes. Posting before telling the sender to go means the
+    sender's broadcasts never wait on this side's set-up, and the set-up overlaps whatever runs between."""
+
+    def __init__(self, group: SyncGroup, metas: Sequence[SparseMeta], device: torch.device | str | None = None):
+        self.metas = list(metas)
+        self.device = torch.device(device) if device is not None else group.device
+        self._t0 = time.perf_counter()
+        dev = self.device
+        self.stats = TransferStats(bytes=sum(m.count * (4 + m.spec.itemsize) for m in self.metas))
+        self._flat: list[tuple[int, SparsePatch]] = []
+        self._works: list[Handle] = []
+        with torch.no_grad():
+            for i, meta in enumerate(self.metas):
+                if meta.encoding != FLAT:
+                    continue
+                idx = torch.empty(meta.count, dtype=torch.int32, device=dev)
+                vals = torch.empty(meta.count, dtype=meta.spec.torch_dtype, device=dev)
+                if meta.count:
+                    self._works += [group.broadcast_async(idx, src=0), group.broadcast_async(vals, src=0)]
+                    self.stats.wire_bytes += meta.nbytes
+                    self.stats.messages += 2
+                self._flat.append((i, SparsePatch(meta.name, idx, vals)))
+            total = stream_layout(self.metas)[1]
+            self._stream = torch.empty(total, dtype=torch.uint8, device=dev)
+            if total:
+                self._works.append(group.broadcast_async(self._stream, src=0))
+                self.stats.wire_bytes += total
+                self.stats.messages += 1
+        self.post_ms = (time.perf_counter() - self._t0) * 1e3
+
+    def wait(self) -> tuple[list[SparsePatch], TransferStats]:
+        """The patches (metas order, decoded on the device) and the stats; `stats.ms` runs from the post."""
+        works, self._works = self._works, []
+        out: list[SparsePatch | None] = [None] * len(self.metas)
+        with torch.no_grad():
+            for work in works:
+                work.wait()
+            for i, patch in self._flat:
+                out[i] = patch
+            packed = [i for i, m in enumerate(self.metas) if m.encoding != FLAT]
+            for i, patch in zip(packed, _decode_stream(self.metas, self._stream)):
+                out[i] = patch
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.stats.ms = (time.perf_counter() - self._t0) * 1e3
+        return [p for p in out if p is not None], self.stats
+
+
+def post_sparse(group: SyncGroup, metas: Sequence[SparseMeta],
+                device: torch.device | str | None = None) -> SparseReceive:
+    """Post the receives of one sparse sync now; `.wait()` for the decoded patches."""
+    return SparseReceive(group, metas, device)
+
+
 def recv_sparse_with_stats(group: SyncGroup, metas: Sequence[SparseMeta],
                            device: torch.device | str | None = None) -> tuple[list[SparsePatch], TransferStats]:
     """Receive what `send_sparse` sends; patches decoded on `device` (default the group's)."""
-    dev = torch.device(device) if device is not None else group.device
-    out: list[SparsePatch | None] = [None] * len(metas)
-    stats = TransferStats(bytes=sum(m.count * (4 + m.spec.itemsize) for m in metas))
-    works: list[Handle] = []
-    with torch.no_grad(), Timer(dev) as timer:
-        for i, meta in enumerate(metas):
-            if meta.encoding != FLAT:
-                continue
-            idx = torch.empty(meta.count, dtype=torch.int32, device=dev)
-            vals = torch.empty(meta.count, dtype=meta.spec.torch_dtype, device=dev)
-            if meta.count:
-                works += [group.broadcast_async(idx, src=0), group.broadcast_async(vals, src=0)]
-                stats.wire_bytes += meta.nbytes
-                stats.messages += 2
-            out[i] = SparsePatch(meta.name, idx, vals)
-        total = stream_layout(metas)[1]
-        stream = torch.empty(total, dtype=torch.uint8, device=dev)
-        if total:
-            works.append(group.broadcast_async(stream, src=0))
-            stats.wire_bytes += total
-            stats.messages += 1
-        for work in works:
-            work.wait()
-        packed = [i for i, m in enumerate(metas) if m.encoding != FLAT]
-        for i, patch in zip(packed, _decode_stream(metas, stream)):
-            out[i] = patch
-    stats.ms = timer.ms
-    return [p for p in out if p is not None], stats
+    return post_sparse(group, metas, device).wait()
 
 
 def recv_sparse(group: SyncGroup, metas: Sequence[SparseMeta],
