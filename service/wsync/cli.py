@@ -128,6 +128,8 @@ def cmd_engines(args: argparse.Namespace, factory: ClientFactory) -> int:
                                                                  "syncs", "name", "model"]))
         if args.action == "launch":
             opts = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
+            if args.sync_route:
+                opts["sync_route"] = args.sync_route
             info = c.engines.launch(kind=args.kind, model=args.model, name=args.name, wait=not args.no_wait, **opts)
         elif args.action == "generate":
             res = c.engines.generate(args.id, args.prompts, max_new_tokens=args.max_new_tokens)
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--model", default=None)
     la.add_argument("--name", default=None)
     la.add_argument("--gpu-memory-utilization", type=float, default=None)
+    la.add_argument("--sync-route", default=None, choices=["direct", "native"],
+                    help="vLLM: wsync's wire into runtime params (direct, default) or vLLM's own API (native)")
     la.add_argument("--no-wait", action="store_true", help="answer at once (engine starting)")
     for name in ("get", "delete"):
         esub.add_parser(name, parents=[js]).add_argument("id")

@@ -45,7 +45,7 @@ class Fleet:
         self.trainer = None
         self.trainer_info: dict = {"loaded": False}
         self.engines: dict[str, EngineRecord] = {}
-        self.links: dict[tuple[str, ...], str] = {}  # (kind, engine ids in rank order) -> group name
+        self.links: dict[tuple[str, ...], str] = {}  # (kind, protocol, engine ids in rank order) -> group name
         self.snapshots: list[str] = []  # weight versions the trainer holds a copy of (for deltas)
         self._guard = threading.RLock()
         self._started_ray = False
@@ -156,7 +156,7 @@ class Fleet:
         info = EngineInfo(id=engine_id, kind=req.kind, model=model, name=req.name, state=EngineState.starting,
                           version=f"base:{model}", created_at=utcnow())
         options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager,
-                   "bucket_bytes": self.settings.dense_bucket_bytes}
+                   "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route}
         rec = EngineRecord(info=info, handle=create_engine(req.kind.value, model, self.device, options))
         with self._guard:
             self.engines[engine_id] = rec
@@ -218,7 +218,7 @@ class Fleet:
     def drop_links(self, engine_id: str | None = None) -> None:
         """Forget (and close on the trainer) the groups that include this engine, or all groups."""
         for key, name in list(self.links.items()):
-            if engine_id is None or engine_id in key[1:]:
+            if engine_id is None or engine_id in key[2:]:  # key: (kind, protocol, *engine ids)
                 self.links.pop(key, None)
                 if self.trainer is not None:
                     try:

@@ -42,16 +42,16 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
     if patch is not None:
         version = patch.target_version or patch.id
     bucket = bucket_bytes or fleet.settings.dense_bucket_bytes
-    by_kind: dict[str, list[EngineRecord]] = defaultdict(list)
+    by_kind: dict[tuple[str, str], list[EngineRecord]] = defaultdict(list)
     for rec in recs:
-        by_kind[rec.info.kind.value].append(rec)
+        by_kind[(rec.info.kind.value, sync_protocol(rec))].append(rec)
     sends, engine_reports = [], []
     for rec in recs:
         rec.info.state = EngineState.busy
     try:
-        for kind, group in by_kind.items():
-            ctx.event(f"{mode} sync to {len(group)} {kind} engine(s)")
-            send, recvs = _sync_group(fleet, ctx, kind, group, mode, bucket, patch_id, encoding)
+        for (kind, protocol), group in by_kind.items():
+            ctx.event(f"{mode} sync to {len(group)} {kind} engine(s) over the {protocol} wire")
+            send, recvs = _sync_group(fleet, ctx, kind, protocol, group, mode, bucket, patch_id, encoding)
             sends.append(send)
             for rec, recv in zip(group, recvs):
                 rec.info.version, rec.info.syncs = version, rec.info.syncs + 1
@@ -84,11 +84,18 @@ def run_sync(fleet: Fleet, ctx: JobContext, mode: str, engine_ids: list[str], *,
     return report.model_dump(mode="json")
 
 
-def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecord], mode: str, bucket: int,
-                patch_id: str | None, encoding: str) -> tuple[dict, list[dict]]:
+def sync_protocol(rec: EngineRecord) -> str:
+    """"wsync" (wsync.transfer's wire: reference engines, and vLLM engines on the direct route) or "vllm"
+    (vLLM's own weight-transfer API and wire: flat_int32 sparse only)."""
+    default = "vllm" if rec.info.kind.value == "vllm" else "wsync"
+    return str((rec.info.details or {}).get("sync_protocol") or default)
+
+
+def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, protocol: str, recs: list[EngineRecord], mode: str,
+                bucket: int, patch_id: str | None, encoding: str) -> tuple[dict, list[dict]]:
     trainer, handles, timeout = fleet.trainer, [r.handle for r in recs], fleet.timeout()
-    vllm = kind == "vllm"
-    name = _link(fleet, ctx, kind, recs)
+    vllm = protocol == "vllm"
+    name = _link(fleet, ctx, kind, protocol, recs)
     try:
         ray.get([h.pause.remote() for h in handles], timeout=timeout)
         if mode == "dense":
@@ -100,7 +107,10 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecor
             metas = ray.get(trainer.sparse_plan.remote(patch_id, "flat_int32" if vllm else encoding), timeout=timeout)
             send = (trainer.send_sparse_vllm.remote(name, patch_id) if vllm
                     else trainer.send_sparse.remote(name, patch_id, metas))
-            recvs = [h.recv_sparse.remote({"metas": metas}) for h in handles]
+            update = {"metas": metas}
+            if kind == "vllm" and not vllm:  # the direct route maps checkpoint names once per layout
+                update.update(dense_metas=ray.get(trainer.dense_metas.remote(), timeout=timeout), bucket_bytes=bucket)
+            recvs = [h.recv_sparse.remote(update) for h in handles]
         out = ray.get([send, *recvs], timeout=timeout)
     except BaseException:
         # A broken transfer leaves the group in an unknown state: tear it down on every side.
@@ -111,9 +121,9 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecor
     return out[0], out[1:]
 
 
-def _link(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecord]) -> str:
+def _link(fleet: Fleet, ctx: JobContext, kind: str, protocol: str, recs: list[EngineRecord]) -> str:
     """The open transfer group for exactly these engines (in rank order), opened if needed."""
-    key = (kind, *(r.info.id for r in recs))
+    key = (kind, protocol, *(r.info.id for r in recs))
     name = fleet.links.get(key)
     if name is not None and all(r.link == name for r in recs):
         return name
@@ -122,11 +132,11 @@ def _link(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecord]) ->
     for rec in recs:  # an engine is in one group at a time: its old groups go
         if rec.link is not None:
             fleet.drop_links(rec.info.id)
-    name = f"wsync-{ctx.job_id}-{kind}"
+    name = f"wsync-{ctx.job_id}-{kind}-{protocol}"
     ctx.event(f"opening a {kind} transfer group for {len(recs)} engine(s)")
     trainer, timeout = fleet.trainer, fleet.timeout()
     rdv = ray.get(trainer.rendezvous.remote(1 + len(recs), name), timeout=timeout)
-    opener = trainer.open_vllm_group if kind == "vllm" else trainer.open_group
+    opener = trainer.open_vllm_group if protocol == "vllm" else trainer.open_group
     try:
         ray.get([opener.remote(rdv)] + [r.handle.join_group.remote(rdv, i + 1) for i, r in enumerate(recs)],
                 timeout=timeout)

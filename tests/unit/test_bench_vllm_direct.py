@@ -154,18 +154,22 @@ def test_padding_rows_only_for_embeddings():
     assert isinstance(w.model_runner.model.model.embed_tokens, _Embedding)
 
 
-def test_recv_needs_group_and_map_and_refuses_stale_params():
+def test_recv_needs_group_and_map_and_rebuilds_a_stale_map():
     w = FakeWorker(TINY)
     with pytest.raises(RuntimeError, match="first"):
         w.wsync_recv_dense_direct()
-    w.wsync_build_param_map([m.to_dict() for m in hf_metas(TINY)], BUCKET)
+    metas = hf_metas(TINY)
+    w.wsync_build_param_map([m.to_dict() for m in metas], BUCKET)
     group = connect(w)
     o_proj = w.model_runner.model.model.layers[0].self_attn.o_proj
-    o_proj.weight = torch.nn.Parameter(o_proj.weight.detach().clone(), requires_grad=False)  # a reload did this
-    with pytest.raises(RuntimeError, match="replaced"):
-        w.wsync_recv_dense_direct()
-    w.wsync_build_param_map([m.to_dict() for m in hf_metas(TINY)], BUCKET)  # rebuilt: fine again
-    w._wsync_ready()
+    old = o_proj.weight
+    o_proj.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)  # a reload did this
+    weights = make_weights(metas, torch.device("cpu"), seed=9)
+    run_pair(lambda: send_dense(group, list(weights.items()), BUCKET), w.wsync_recv_dense_direct)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(bits(o_proj.weight), bits(weights[name]))  # the live parameter got the bytes
+    assert not torch.equal(bits(old), bits(weights[name]))  # not the dead one
+    assert w._wsync_map["targets"][name].data_ptr() == o_proj.weight.data_ptr()
     group.close()
 
 

@@ -280,7 +280,8 @@ class FakeLLM:
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(("collective_rpc", method, args, kwargs))
-        return [{"wsync_param_metas": self.runtime, "wsync_fingerprint": {"a": "1"}}.get(method)]
+        return [{"wsync_param_metas": self.runtime, "wsync_fingerprint": {"a": "1"},
+                 "wsync_direct_unsupported": "fake: layout not mapped"}.get(method)]
 
     def __getattr__(self, name):  # sleep, wake_up, init_weight_transfer_engine, start/update/finish, ...
         if name.startswith("_"):
@@ -322,7 +323,8 @@ def test_engine_gen_a_sequences(engine_factory):
     assert llm.kw["gpu_memory_utilization"] == 0.4 and llm.kw["max_model_len"] == 256 and llm.kw["enforce_eager"]
     assert eng.ready() == {"kind": "vllm", "model": "/models/tiny", "device": "cuda", "vllm_version": "0.24.0",
                            "generation": "A", "weight_transfer_backend": "nccl",
-                           "routes": {"dense": "native", "sparse": "native"}}
+                           "routes": {"dense": "native", "sparse": "native"}, "sync_route": "native",
+                           "sync_protocol": "vllm", "sync_route_note": "fake: layout not mapped"}
     assert eng.generate(["hi", "yo"], 2) == [{"token_ids": [7], "text": "x"}] * 2
     assert llm.calls[-1] == ("generate", ("sp", {"temperature": 0.0, "max_tokens": 2}))
     eng.pause()
@@ -377,7 +379,8 @@ def test_engine_gen_d_routes_dense_through_extension(engine_factory):
         ("reset_prefix_cache", (), {}),
         ("reset_prefix_cache", (), {}),
     ]
-    assert llm.calls[0][1][0]["init_info"]["rank_offset"] == 2
+    init = next(c for c in llm.calls if c[0] == "init_weight_transfer_engine")
+    assert init[1][0]["init_info"]["rank_offset"] == 2
     with pytest.raises(va.VLLMUnsupportedError, match="0.30.0"):
         eng.recv_dense({"metas": DENSE["metas"], "packed": True})
 

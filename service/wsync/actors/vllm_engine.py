@@ -14,7 +14,18 @@ Ray actor) that Ray does not track when the actor dies, and callables in collect
 VLLM_ALLOW_INSECURE_SERIALIZATION. In-process avoids both; options["v1_multiprocessing"]=True opts
 back in (everything here uses named collective_rpc methods, so it still works).
 
-Sync call sequence (the lead runs the trainer half concurrently on the trainer actor):
+Two sync routes (options["sync_route"], EngineLaunch.sync_route; ready() reports which one is live):
+  direct (default): wsync's own wire (wsync.transfer: bucketed dense, any sparse encoding, checkpoint
+                    names) over a wsync SyncGroup the worker joins (wsync_open_sync_group), received by
+                    the WsyncWorkerExtension straight into vLLM's runtime parameters through a
+                    name-and-slice map built once per layout (q/k/v -> qkv_proj, gate/up -> gate_up_proj
+                    at their row offsets) and a DenseReceiver kept with it; no model.load_weights. The
+                    trainer sends with the same send_dense / send_sparse it uses for reference engines.
+                    Where the worker cannot map the model (TP>1, quantized, an unmapped architecture),
+                    the engine falls back to native at start and says why (ready()["sync_route_note"]).
+  native:           vLLM's own weight-transfer API and wire, below.
+
+Native sync call sequence (the lead runs the trainer half concurrently on the trainer actor):
   pause():          llm.sleep(level=0)                                (scheduling paused)
   join_group():     llm.init_weight_transfer_engine({"init_info": {master_address, master_port,
                     rank_offset=rank, world_size}})   ||  trainer_open_group (rank 0)
@@ -130,6 +141,8 @@ class VLLMEngineCore:
                                   bool(opts.get("enforce_eager", True)),
                                   max_model_len=_default_max_len(model, opts.get("max_model_len")))
         self.llm = va.create_llm(model, **kwargs)
+        self.sync_route, self.sync_note = self._pick_sync_route(str(opts.get("sync_route") or "direct"))
+        self._map_key: tuple | None = None
         self.paused = False
         self.in_group = False
         self._runtime_metas: dict[str, dict] | None = None
@@ -139,7 +152,14 @@ class VLLMEngineCore:
     def ready(self) -> dict:
         return {"kind": self.kind, "model": self.model_name, "device": self.device,
                 "vllm_version": self.api.version, "generation": self.api.generation,
-                "weight_transfer_backend": self.backend, "routes": dict(self.routes)}
+                "weight_transfer_backend": self.backend, "routes": dict(self.routes),
+                "sync_route": self.sync_route, "sync_protocol": "wsync" if self.direct else "vllm",
+                **({"sync_route_note": self.sync_note} if self.sync_note else {})}
+
+    @property
+    def direct(self) -> bool:
+        """wsync's own wire straight into vLLM's runtime parameters (see the module docstring)."""
+        return self.sync_route == "direct"
 
     def health(self) -> dict:
         alive = self.llm is not None
@@ -173,23 +193,36 @@ class VLLMEngineCore:
 
     def join_group(self, rendezvous: dict, rank: int) -> None:
         llm = self._require_llm()
-        if str(rendezvous.get("backend", "nccl")) != "nccl":
+        if str(rendezvous.get("backend", "nccl")) != "nccl" and not self.direct:
             raise VLLMEngineError(f"vLLM engines sync over NCCL only, not {rendezvous.get('backend')!r}")
         if int(rank) < 1:
             raise VLLMEngineError("rank 0 is the trainer; a vLLM engine joins at rank >= 1")
         if self.in_group:
             self.leave_group()
+        if self.direct:
+            llm.collective_rpc("wsync_open_sync_group", args=(dict(rendezvous), int(rank), 300.0, False))
+            self.in_group = True
+            return
         engine_join_group(self.api, llm, rendezvous["host"], int(rendezvous["port"]),
                              int(rendezvous["world_size"]), int(rank))
         self.in_group = True
 
     def leave_group(self) -> None:
         if self.llm is not None and self.in_group:
-            engine_leave_group(self.api, self.llm)
+            if self.direct:
+                self.llm.collective_rpc("wsync_close_sync_group")
+            else:
+                engine_leave_group(self.api, self.llm)
         self.in_group = False
 
     def recv_dense(self, update: dict) -> dict:
         llm, metas, packed = self._require_group(), list(update["metas"]), bool(update.get("packed", False))
+        if self.direct:
+            self._ensure_map(metas, int(update["bucket_bytes"]))
+            t0 = time.perf_counter()
+            got = llm.collective_rpc("wsync_recv_dense_direct")[0]
+            return {**self._done("dense", "direct", t0, int(got["bytes"])), "zero_copy": got.get("zero_copy", 0),
+                    "messages": got.get("messages", 0)}
         route = self._route("dense_packed" if packed else "dense", update.get("route"))
         t0 = time.perf_counter()
         engine_recv_dense(self.api, llm, metas, packed, route)
@@ -197,6 +230,15 @@ class VLLMEngineCore:
 
     def recv_sparse(self, update: dict) -> dict:
         llm, metas = self._require_group(), list(update["metas"])
+        if self.direct:
+            if update.get("dense_metas") is not None:
+                self._ensure_map(list(update["dense_metas"]), int(update.get("bucket_bytes") or 0) or None)
+            elif self._map_key is None:
+                raise VLLMEngineError("sparse update without dense_metas before any dense sync: no param map")
+            t0 = time.perf_counter()
+            got = llm.collective_rpc("wsync_recv_sparse_direct", args=(metas,))[0]
+            return {**self._done("sparse", "direct", t0, va.sparse_payload_bytes(metas) if metas else 0),
+                    "wire_bytes": got.get("wire_bytes", 0)}
         route = self._route("sparse", update.get("route"))
         if any(m.get("encoding", "flat_int32") != "flat_int32" for m in metas):
             raise VLLMEngineError("vLLM engines take the flat_int32 sparse encoding only (vLLM's wire order)")
@@ -241,6 +283,29 @@ class VLLMEngineCore:
         if forced == "native" or mode == "dense_packed":
             return va.require(self.api, mode, backend=self.backend)
         return self.routes[mode]
+
+    def _pick_sync_route(self, wanted: str) -> tuple[str, str | None]:
+        """"direct" (wsync's wire into the runtime parameters) where the worker extension can map this
+        model, else vLLM's own weight-transfer API ("native"), with the reason."""
+        if wanted not in ("direct", "native"):
+            raise VLLMEngineError(f"sync_route must be 'direct' or 'native', not {wanted!r}")
+        if wanted == "native":
+            return "native", None
+        try:
+            why = self.llm.collective_rpc("wsync_direct_unsupported")[0]
+        except Exception as exc:  # noqa: BLE001 - no worker extension: vLLM's own path still works
+            why = f"wsync worker extension unavailable: {exc}"
+        return ("native", why) if why else ("direct", None)
+
+    def _ensure_map(self, hf_metas: list, bucket_bytes: int | None) -> None:
+        """Build the worker's name-and-slice map (and dense receiver) once per layout: checkpoint names,
+        dtypes, shapes in wire order, and the dense bucket size."""
+        bucket = bucket_bytes or (self._map_key[1] if self._map_key else 256 * 2**20)
+        key = (tuple((m["name"], va.dtype_str(m["dtype"]), tuple(int(d) for d in m["shape"])) for m in hf_metas),
+               int(bucket))
+        if key != self._map_key:
+            self._require_llm().collective_rpc("wsync_build_param_map", args=(list(hf_metas), int(bucket)))
+            self._map_key = key
 
     def _metas(self) -> dict[str, dict]:
         if self._runtime_metas is None:

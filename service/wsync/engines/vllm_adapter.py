@@ -543,6 +543,16 @@ class WsyncWorkerExtension:
             raise ValueError(f"wsync: {name}: {type(module).__name__} {path!r} has no output_sizes shard {fused[1]}")
         return f"{path}.{parts[-1]}", sum(sizes[:fused[1]]), sizes[fused[1]], module
 
+    def wsync_direct_unsupported(self) -> str | None:
+        """Why wsync's direct path (map + *_direct receives) cannot serve this engine, or None if it can."""
+        pc = self.vllm_config.parallel_config
+        if int(getattr(pc, "world_size", 1)) != 1 or getattr(self.vllm_config, "quant_config", None) is not None:
+            return "wsync direct path: TP=1, PP=1 and unquantized weights only"
+        name = type(self._wsync_model()).__name__
+        if name not in self._WSYNC_DIRECT_ARCHS:
+            return f"wsync direct path: {name} layout not mapped (supported: {', '.join(self._WSYNC_DIRECT_ARCHS)})"
+        return None
+
     def wsync_build_param_map(self, hf_metas: list, bucket_bytes: int) -> dict:
         """Once per engine: map every HF checkpoint tensor (metas in wire order, as send_dense sends them)
         to a dim-0 slice of a runtime parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj at their
@@ -550,13 +560,11 @@ class WsyncWorkerExtension:
         contiguity, no overlap, every runtime parameter fully covered (embedding padding rows excepted)."""
         from wsync.transfer.meta import TensorMeta
 
-        t0, pc = time.perf_counter(), self.vllm_config.parallel_config
+        t0 = time.perf_counter()
         model = self._wsync_model()
-        if int(getattr(pc, "world_size", 1)) != 1 or getattr(self.vllm_config, "quant_config", None) is not None:
-            raise VLLMUnsupportedError("wsync direct path: TP=1, PP=1 and unquantized weights only")
-        if type(model).__name__ not in self._WSYNC_DIRECT_ARCHS:
-            raise VLLMUnsupportedError(f"wsync direct path: {type(model).__name__} layout not mapped "
-                                       f"(supported: {', '.join(self._WSYNC_DIRECT_ARCHS)})")
+        why = self.wsync_direct_unsupported()
+        if why:
+            raise VLLMUnsupportedError(why)
         hf_cfg = getattr(getattr(self.vllm_config, "model_config", None), "hf_config", None)
         hf_cfg = hf_cfg.get_text_config() if hasattr(hf_cfg, "get_text_config") else hf_cfg
         tied = bool(getattr(hf_cfg, "tie_word_embeddings", False))
@@ -584,7 +592,8 @@ class WsyncWorkerExtension:
             owners.append((module, rt.rsplit(".", 1)[-1], p))
             slices[meta.name] = [rt, first, rows]
         padded = self._wsync_check_coverage(runtime, spans)
-        self._wsync_map = {"metas": metas, "targets": targets, "bucket_bytes": int(bucket_bytes), "owners": owners}
+        self._wsync_map = {"metas": metas, "targets": targets, "bucket_bytes": int(bucket_bytes), "owners": owners,
+                           "hf_metas": list(hf_metas)}
         return {"tensors": len(metas), "runtime_params": len(runtime), "skipped": skipped, "padded_rows": padded,
                 "slices": slices, "bucket_bytes": int(bucket_bytes), "ms": (time.perf_counter() - t0) * 1e3}
 
@@ -611,14 +620,15 @@ class WsyncWorkerExtension:
 
     def _wsync_ready(self) -> tuple[Any, dict]:
         """(group, map), after checking that every mapped runtime parameter is still the same object
-        (e.g. not replaced by a reload or sleep level 2): writes would otherwise go to dead storage."""
+        (e.g. not replaced by a reload or sleep level 2): writes would otherwise go to dead storage, so a
+        stale map is rebuilt from the same checkpoint metas first."""
         group, m = getattr(self, "_wsync_group", None), getattr(self, "_wsync_map", None)
         if group is None or m is None:
             raise RuntimeError("wsync: call wsync_open_sync_group and wsync_build_param_map first")
         stale = [attr for module, attr, p in m["owners"] if module._parameters.get(attr) is not p]
-        if stale:
-            raise RuntimeError(f"wsync: runtime parameters were replaced since the map was built ({len(stale)}); "
-                               "rebuild it with wsync_build_param_map")
+        if stale:  # rebuilt here, before any byte moves, so the sender is never left waiting
+            self.wsync_build_param_map(m["hf_metas"], m["bucket_bytes"])
+            m = self._wsync_map
         return group, m
 
     @staticmethod
@@ -647,28 +657,51 @@ class WsyncWorkerExtension:
         return {"recv_ms": stats.ms, "bytes": stats.bytes, "messages": stats.messages,
                 "zero_copy": stats.zero_copy}
 
-    def wsync_recv_sparse_direct(self, metas: list) -> dict:
-        """Receive one wsync sparse sync (send_sparse's wire: flat_int32 patches, then one packed stream)
-        whose patches use HF checkpoint names and flat indices, decode on the GPU and scatter each into its
-        runtime slice (O(changed)). Names/shapes are checked before any byte moves; indices after receipt,
-        before any write (one host sync), so a bad patch leaves the model untouched."""
-        from wsync.transfer.sparse import SparseMeta, apply_patch, recv_sparse_with_stats
+    def wsync_post_sparse_direct(self, metas: list) -> dict:
+        """First half of a sparse sync (send_sparse's wire: flat_int32 patches, then one packed stream, HF
+        checkpoint names and flat indices): check names/shapes against the map, allocate and post the
+        receives, return at once. The sender may start as soon as this returns; then call
+        wsync_finish_sparse_direct. Nothing is written to the model here."""
+        from wsync.transfer.sparse import SparseMeta, post_sparse
 
         group, m = self._wsync_ready()
+        t0 = time.perf_counter()
         metas = [SparseMeta.from_dict(d) for d in metas]
         for meta in metas:
             t = m["targets"].get(meta.name)
             if t is None or list(t.shape) != meta.shape or dtype_str(t.dtype) != meta.dtype:
                 raise ValueError(f"wsync: {meta.name}: not a mapped checkpoint tensor of {meta.dtype}{meta.shape}")
-        t0 = time.perf_counter()
+        self._wsync_pending = (post_sparse(group, metas, self.device), t0)
+        return {"post_ms": (time.perf_counter() - t0) * 1e3}
+
+    def wsync_finish_sparse_direct(self) -> dict:
+        """Second half: wait for the posted receives, decode on the GPU, check every index is in range
+        (one host sync; a bad patch leaves the model untouched), then scatter each patch into its runtime
+        slice (O(changed))."""
+        from wsync.transfer.sparse import apply_patch
+
+        pending, self._wsync_pending = getattr(self, "_wsync_pending", None), None
+        if pending is None:
+            raise RuntimeError("wsync: no posted sparse receive; call wsync_post_sparse_direct first")
+        rx, t0 = pending
+        _, m = self._wsync_ready()
         with torch.no_grad():
-            patches, stats = recv_sparse_with_stats(group, metas, self.device)
+            patches, stats = rx.wait()
+            t1 = time.perf_counter()
             live = [p for p in patches if p.count]
             if live and not self._wsync_in_range([p.indices for p in live],
                                                  [m["targets"][p.name].numel() for p in live]):
                 raise ValueError("wsync: sparse index out of range; nothing was applied")
+            t2 = time.perf_counter()
             for p in live:
                 apply_patch(m["targets"][p.name], p)
         _sync()
-        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "wire_bytes": stats.wire_bytes,
+        t3 = time.perf_counter()
+        return {"recv_ms": (t3 - t0) * 1e3, "wait_decode_ms": stats.ms, "check_ms": (t2 - t1) * 1e3,
+                "apply_ms": (t3 - t2) * 1e3, "wire_bytes": stats.wire_bytes,
                 "elements": sum(p.count for p in patches)}
+
+    def wsync_recv_sparse_direct(self, metas: list) -> dict:
+        """A whole sparse sync into the runtime slices: wsync_post_sparse_direct + wsync_finish_sparse_direct."""
+        posted = self.wsync_post_sparse_direct(metas)
+        return {**posted, **self.wsync_finish_sparse_direct()}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import Field
 
@@ -29,6 +30,12 @@ class EngineLaunch(WireModel):
     name: str | None = Field(default=None, max_length=64, description="Optional human label.")
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0, description="vLLM only.")
     enforce_eager: bool = Field(default=True, description="vLLM only: disable CUDA graphs.")
+    sync_route: Literal["direct", "native"] = Field(
+        default="direct",
+        description="vLLM only. 'direct': wsync's wire straight into vLLM's runtime parameters through a "
+                    "name-and-slice map built once (fused qkv / gate_up handled; any sparse encoding); an "
+                    "engine whose model is not mapped falls back to 'native' and says why in details. "
+                    "'native': vLLM's own weight-transfer API (flat_int32 sparse only).")
     wait: bool = Field(default=True, description="Answer once the engine is ready (else 202 at once).")
 
     model_config = {
