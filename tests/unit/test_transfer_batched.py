@@ -274,7 +274,9 @@ def cuda_syncs(device: str):
             yield box
         finally:
             torch.cuda.set_sync_debug_mode(prev)
-    box[0] = sum("synchronizing" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    box[0] = len(syncs)
+    box.append([f"{w.filename}:{w.lineno}" for w in syncs])  # where, for a failing count's message
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -556,7 +558,7 @@ def test_one_host_sync_to_plan_none_to_encode(small: bool, device: str, monkeypa
     with cuda_syncs(device) as gpu:
         metas = plan_sparse(dev_patches, specs, "auto")
     assert counter.n == 1 and len(calls) == 1  # all 40 tensors: one statistics pass, one sync
-    assert gpu[0] == (device == "cuda"), f"{gpu[0]} synchronizing CUDA calls in plan"  # that .tolist only
+    assert gpu[0] == (device == "cuda"), f"{gpu[0]} synchronizing CUDA calls in plan: {gpu[1:]}"  # the .tolist
     counter.n = 0
     with cuda_syncs(device) as gpu:
         stream = S.pack_stream(dev_patches, metas)
