@@ -211,7 +211,8 @@ def rx_vllm_start(rx: Ctx, gpu_util: float) -> dict:
 
         engine = FakeEngine(shape)
     else:
-        engine = VLLMEngineCore(str(folder), "cuda", {"gpu_memory_utilization": float(gpu_util)})
+        # native: the bench drives the direct path's worker methods itself, on its own groups
+        engine = VLLMEngineCore(str(folder), "cuda", {"gpu_memory_utilization": float(gpu_util), "sync_route": "native"})
     rx.extra["engine"] = engine
     return {"folder_s": t1 - t0, "start_s": time.perf_counter() - t1, "ready": engine.ready()}
 

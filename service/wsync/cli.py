@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--name", default=None)
     la.add_argument("--gpu-memory-utilization", type=float, default=None)
     la.add_argument("--sync-route", default=None, choices=["direct", "native"],
-                    help="vLLM: wsync's wire into runtime params (direct, default) or vLLM's own API (native)")
+                    help="vLLM: vLLM's own weight-transfer API (native, default) or wsync's wire into runtime params (direct)")
     la.add_argument("--no-wait", action="store_true", help="answer at once (engine starting)")
     for name in ("get", "delete"):
         esub.add_parser(name, parents=[js]).add_argument("id")

@@ -98,6 +98,9 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, protocol: str, recs: l
     name = _link(fleet, ctx, kind, protocol, recs)
     try:
         ray.get([h.pause.remote() for h in handles], timeout=timeout)
+        if kind == "vllm" and not vllm:  # direct route: the engines' maps are ready before any byte moves
+            dense_metas = ray.get(trainer.dense_metas.remote(), timeout=timeout)
+            ray.get([h.prepare_sync.remote(dense_metas, bucket) for h in handles], timeout=timeout)
         if mode == "dense":
             metas = ray.get(trainer.dense_metas.remote(), timeout=timeout)
             update = {"metas": metas, "bucket_bytes": bucket, "packed": False}
@@ -107,10 +110,7 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, protocol: str, recs: l
             metas = ray.get(trainer.sparse_plan.remote(patch_id, "flat_int32" if vllm else encoding), timeout=timeout)
             send = (trainer.send_sparse_vllm.remote(name, patch_id) if vllm
                     else trainer.send_sparse.remote(name, patch_id, metas))
-            update = {"metas": metas}
-            if kind == "vllm" and not vllm:  # the direct route maps checkpoint names once per layout
-                update.update(dense_metas=ray.get(trainer.dense_metas.remote(), timeout=timeout), bucket_bytes=bucket)
-            recvs = [h.recv_sparse.remote(update) for h in handles]
+            recvs = [h.recv_sparse.remote({"metas": metas}) for h in handles]
         out = ray.get([send, *recvs], timeout=timeout)
     except BaseException:
         # A broken transfer leaves the group in an unknown state: tear it down on every side.

@@ -47,14 +47,14 @@ def test_b_service_comparison_reference_nccl(service, report_dir):
 
 
 def test_c_service_vllm_direct_route_training_loop(service, report_dir):
-    """A training loop into a vLLM engine on the direct route (the default): dense seed, sparse patches
+    """A training loop into a vLLM engine on the direct route (opt-in): dense seed, sparse patches
     with wsync's own encodings (not vLLM's flat_int32 wire), a real AdamW step, then a delta sync;
     every sync verified by exact fingerprints of the tensors both sides name alike."""
     from wsync_client import Client
 
     with Client(service.url, timeout=900) as c:
         c.trainer.load()
-        eng = c.engines.launch(kind="vllm", gpu_memory_utilization=0.3)
+        eng = c.engines.launch(kind="vllm", gpu_memory_utilization=0.3, sync_route="direct")
         assert eng.details["sync_route"] == "direct", eng.details
         results = [c.wait(c.sync.dense([eng.id]).id, timeout=600).result]
         for step in range(2):

@@ -324,7 +324,7 @@ def test_engine_gen_a_sequences(engine_factory):
     assert eng.ready() == {"kind": "vllm", "model": "/models/tiny", "device": "cuda", "vllm_version": "0.24.0",
                            "generation": "A", "weight_transfer_backend": "nccl",
                            "routes": {"dense": "native", "sparse": "native"}, "sync_route": "native",
-                           "sync_protocol": "vllm", "sync_route_note": "fake: layout not mapped"}
+                           "sync_protocol": "vllm"}
     assert eng.generate(["hi", "yo"], 2) == [{"token_ids": [7], "text": "x"}] * 2
     assert llm.calls[-1] == ("generate", ("sp", {"temperature": 0.0, "max_tokens": 2}))
     eng.pause()

@@ -1,4 +1,4 @@
-"""VLLMEngineCore on the direct route (the service's default for vLLM engines): it joins a wsync
+"""VLLMEngineCore on the direct route (opt-in: EngineLaunch.sync_route="direct"): it joins a wsync
 SyncGroup, builds the worker's name-and-slice map once per layout, and receives wsync's own dense and
 sparse wire (any encoding, checkpoint names) straight into vLLM-shaped runtime parameters.
 
@@ -39,7 +39,7 @@ def engine(monkeypatch):
     monkeypatch.setattr(va, "create_llm", lambda model, **kw: fake_vllm.FakeLLM(TINY))
     monkeypatch.setattr(va, "engine_kwargs", lambda *a, **k: {})
     monkeypatch.setattr(va, "detect_generation", lambda: API)
-    eng = ve.VLLMEngineCore("/models/tiny", "cpu", {})
+    eng = ve.VLLMEngineCore("/models/tiny", "cpu", {"sync_route": "direct"})
     yield eng
     eng.leave_group()
 
@@ -89,7 +89,8 @@ def test_direct_route_dense_then_sparse_auto(engine):
     specs = {m.name: m for m in metas}
     smetas = plan_sparse(patches, specs, "auto", weights)
     assert {m.encoding for m in smetas} != {"flat_int32"}
-    sparse_update = {"metas": [m.to_dict() for m in smetas], "dense_metas": dense_metas, "bucket_bytes": BUCKET}
+    assert engine.prepare_sync(dense_metas, BUCKET) == {"route": "direct"} and engine._map_key is map_calls
+    sparse_update = {"metas": [m.to_dict() for m in smetas]}
     _, got = run_pair(lambda: send_sparse(group, patches, smetas, weights), lambda: engine.recv_sparse(sparse_update))
     assert got["route"] == "direct" and got["wire_bytes"] > 0
     a, b = runtime_fp(engine), expected_fp(weights)
@@ -110,6 +111,7 @@ def test_native_route_on_request_and_fallback_reason(monkeypatch):
     unmapped = fake_vllm.FakeLLM(TINY)
     unmapped.worker.model_runner.model.__class__ = type("GemmaForCausalLM", (type(unmapped.worker.model_runner.model),), {})
     monkeypatch.setattr(va, "create_llm", lambda model, **kw: unmapped)
-    fallback = ve.VLLMEngineCore("/models/tiny", "cpu", {})
+    assert ve.VLLMEngineCore("/models/tiny", "cpu", {}).ready()["sync_route"] == "native"  # the default
+    fallback = ve.VLLMEngineCore("/models/tiny", "cpu", {"sync_route": "direct"})
     info = fallback.ready()
     assert info["sync_route"] == "native" and "not mapped" in info["sync_route_note"]

@@ -15,7 +15,7 @@ VLLM_ALLOW_INSECURE_SERIALIZATION. In-process avoids both; options["v1_multiproc
 back in (everything here uses named collective_rpc methods, so it still works).
 
 Two sync routes (options["sync_route"], EngineLaunch.sync_route; ready() reports which one is live):
-  direct (default): wsync's own wire (wsync.transfer: bucketed dense, any sparse encoding, checkpoint
+  direct (opt-in):  wsync's own wire (wsync.transfer: bucketed dense, any sparse encoding, checkpoint
                     names) over a wsync SyncGroup the worker joins (wsync_open_sync_group), received by
                     the WsyncWorkerExtension straight into vLLM's runtime parameters through a
                     name-and-slice map built once per layout (q/k/v -> qkv_proj, gate/up -> gate_up_proj
@@ -23,7 +23,9 @@ Two sync routes (options["sync_route"], EngineLaunch.sync_route; ready() reports
                     trainer sends with the same send_dense / send_sparse it uses for reference engines.
                     Where the worker cannot map the model (TP>1, quantized, an unmapped architecture),
                     the engine falls back to native at start and says why (ready()["sync_route_note"]).
-  native:           vLLM's own weight-transfer API and wire, below.
+  native (default): vLLM's own weight-transfer API and wire, below. The default because it is the route
+                    proven through the service on the GPU machine; the direct route is proven there in
+                    the benchmark harness (bench/vllm_bench.py), not yet through the service.
 
 Native sync call sequence (the lead runs the trainer half concurrently on the trainer actor):
   pause():          llm.sleep(level=0)                                (scheduling paused)
@@ -141,7 +143,7 @@ class VLLMEngineCore:
                                   bool(opts.get("enforce_eager", True)),
                                   max_model_len=_default_max_len(model, opts.get("max_model_len")))
         self.llm = va.create_llm(model, **kwargs)
-        self.sync_route, self.sync_note = self._pick_sync_route(str(opts.get("sync_route") or "direct"))
+        self.sync_route, self.sync_note = self._pick_sync_route(str(opts.get("sync_route") or "native"))
         self._map_key: tuple | None = None
         self.paused = False
         self.in_group = False
@@ -234,7 +236,7 @@ class VLLMEngineCore:
             if update.get("dense_metas") is not None:
                 self._ensure_map(list(update["dense_metas"]), int(update.get("bucket_bytes") or 0) or None)
             elif self._map_key is None:
-                raise VLLMEngineError("sparse update without dense_metas before any dense sync: no param map")
+                raise VLLMEngineError("no param map yet: call prepare_sync (or send dense_metas with the update)")
             t0 = time.perf_counter()
             got = llm.collective_rpc("wsync_recv_sparse_direct", args=(metas,))[0]
             return {**self._done("sparse", "direct", t0, va.sparse_payload_bytes(metas) if metas else 0),
@@ -296,6 +298,14 @@ class VLLMEngineCore:
         except Exception as exc:  # noqa: BLE001 - no worker extension: vLLM's own path still works
             why = f"wsync worker extension unavailable: {exc}"
         return ("native", why) if why else ("direct", None)
+
+    def prepare_sync(self, hf_metas: list, bucket_bytes: int) -> dict:
+        """Direct route, before the trainer sends anything: build (or keep) the worker's map for this
+        layout, so a model the map cannot serve fails here and never leaves the trainer mid-broadcast."""
+        if not self.direct:
+            return {"route": self.sync_route}
+        self._ensure_map(hf_metas, int(bucket_bytes))
+        return {"route": "direct"}
 
     def _ensure_map(self, hf_metas: list, bucket_bytes: int | None) -> None:
         """Build the worker's name-and-slice map (and dense receiver) once per layout: checkpoint names,

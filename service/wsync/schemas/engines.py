@@ -31,11 +31,11 @@ class EngineLaunch(WireModel):
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0, description="vLLM only.")
     enforce_eager: bool = Field(default=True, description="vLLM only: disable CUDA graphs.")
     sync_route: Literal["direct", "native"] = Field(
-        default="direct",
-        description="vLLM only. 'direct': wsync's wire straight into vLLM's runtime parameters through a "
-                    "name-and-slice map built once (fused qkv / gate_up handled; any sparse encoding); an "
-                    "engine whose model is not mapped falls back to 'native' and says why in details. "
-                    "'native': vLLM's own weight-transfer API (flat_int32 sparse only).")
+        default="native",
+        description="vLLM only. 'native' (default): vLLM's own weight-transfer API (flat_int32 sparse only). "
+                    "'direct': wsync's wire straight into vLLM's runtime parameters through a name-and-slice "
+                    "map built once (fused qkv / gate_up handled; any sparse encoding); an engine whose model "
+                    "is not mapped falls back to 'native' and says why in details.")
     wait: bool = Field(default=True, description="Answer once the engine is ready (else 202 at once).")
 
     model_config = {
