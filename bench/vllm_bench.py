@@ -183,8 +183,9 @@ def vllm_sparse(ctx: Ctx) -> dict:
 
 def close_vllm(ctx: Ctx) -> dict:
     """The last section of the phase: both processes then leave with os._exit (roles.py), which frees
-    the GPUs at once. vLLM's own teardown (engine shutdown, its NCCL communicator) is skipped: it hung
-    for the whole 90 s section timeout in the first GPU run, and nothing is measured after it."""
+    the GPUs at once. Teardown (engine shutdown, closing the NCCL groups one side at a time) is skipped:
+    it ran into the section timeout in every GPU run (90 s, then 30 s with only the worker's wsync group
+    closed), and nothing is measured after it."""
     ctx.extra.pop("tgroup", None)
     ctx.peer.call("vllm_close")
     ctx.extra["hard_exit"] = True
@@ -283,10 +284,7 @@ def rx_vllm_wsync_sparse(rx: Ctx) -> dict:
 
 
 def rx_vllm_close(rx: Ctx) -> dict:
-    engine = rx.extra.get("engine")
-    if engine is not None:
-        engine.llm.collective_rpc("wsync_close_sync_group")
-    rx.extra["hard_exit"] = True  # no engine.shutdown(): see close_vllm
+    rx.extra["hard_exit"] = True  # no engine.shutdown() and no group close: see close_vllm
     return {}
 
 

@@ -199,9 +199,9 @@ class Fleet:
 
     def delete_engine(self, engine_id: str) -> EngineInfo:
         rec = self.get_engine(engine_id)
+        self.drop_links(engine_id)  # while the engine is still listed: both sides close together
         with self._guard:
             self.engines.pop(engine_id, None)
-        self.drop_links(engine_id)
         try:
             ray.get(rec.handle.shutdown.remote(), timeout=30)
         except Exception:
@@ -216,15 +216,22 @@ class Fleet:
 
     # ---- transfer groups ----------------------------------------------------------------
     def drop_links(self, engine_id: str | None = None) -> None:
-        """Forget (and close on the trainer) the groups that include this engine, or all groups."""
+        """Forget and close the groups that include this engine, or all groups: the trainer and every
+        engine still in the group close their side at the same time (an NCCL communicator's teardown
+        may wait for its peers, so one side closing alone can stall until a timeout)."""
         for key, name in list(self.links.items()):
             if engine_id is None or engine_id in key[2:]:  # key: (kind, protocol, *engine ids)
                 self.links.pop(key, None)
-                if self.trainer is not None:
-                    try:
-                        ray.get(self.trainer.close_group.remote(name), timeout=60)
-                    except Exception:
-                        pass
+                refs = [self.trainer.close_group.remote(name)] if self.trainer is not None else []
+                for eid in key[2:]:
+                    rec = self.engines.get(eid)
+                    if rec is not None and rec.link == name:
+                        rec.link = None
+                        refs.append(rec.handle.leave_group.remote())
+                try:
+                    ray.get(refs, timeout=60)
+                except Exception:
+                    pass
 
     # ---- training and deltas --------------------------------------------------------------
     def step(self, req) -> dict:
