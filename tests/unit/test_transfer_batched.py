@@ -404,12 +404,17 @@ def packed_reference(metas: list[SparseMeta], by: dict[str, SparsePatch],
     return want
 
 
+def zoo_with_params(seed: int):
+    """zoo(seed) plus a random full tensor per patch (what `dense` encodes from)."""
+    patches, specs = zoo(seed)
+    return patches, specs, {p.name: torch.randn(specs[p.name].shape).to(specs[p.name].torch_dtype) for p in patches}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("encoding", ["delta", "delta8", "bitmask", "auto", "flat_int32"])
 def test_packed_stream_is_reference_sections(encoding: str, device: str, monkeypatch) -> None:
     small_batches(monkeypatch)
-    patches, specs = zoo(4)
-    params = {p.name: torch.randn(specs[p.name].shape).to(specs[p.name].torch_dtype) for p in patches}
+    patches, specs, params = zoo_with_params(4)
     dev_patches, dev_params = on(patches, device), params_on(params, device)
     metas = plan_sparse(dev_patches, specs, encoding, dev_params)
     assert metas == [ref_plan_one(p, specs[p.name], encoding, True) for p in patches]
@@ -641,8 +646,7 @@ def test_inference_tensors_work_without_the_cache(device: str) -> None:
 @pytest.mark.parametrize("encoding", ["delta", "delta8", "bitmask", "auto", "flat_int32"])
 def test_decode_stream_equals_reference(encoding: str, device: str, monkeypatch) -> None:
     small_batches(monkeypatch)
-    patches, specs = zoo(9)
-    params = {p.name: torch.randn(specs[p.name].shape).to(specs[p.name].torch_dtype) for p in patches}
+    patches, specs, params = zoo_with_params(9)
     metas = plan_sparse(on(patches, device), specs, encoding, params_on(params, device))
     stream = S.pack_stream(on(patches, device), metas, params_on(params, device))
     packed = [m for m in metas if m.encoding != "flat_int32"]
