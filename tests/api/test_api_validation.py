@@ -123,3 +123,5 @@ def test_engine_launch_errors(client, setup):
     assert r.status_code == 422 and r.json()["error"]["field"] == "kind"
     r = client.post("/v1/engines", json={"kind": "tpu"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "kind"
+    r = client.post("/v1/engines", json={"kind": "vllm", "sync_route": "fastest"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "sync_route"
