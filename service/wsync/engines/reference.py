@@ -14,7 +14,7 @@ from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, SyncGroup, open_group
 from wsync.transfer.meta import TensorMeta, param_metas
-from wsync.transfer.sparse import SparseMeta, apply_patch, recv_sparse
+from wsync.transfer.sparse import SparseMeta, apply_patches, recv_sparse
 
 from .hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 
@@ -100,8 +100,7 @@ class ReferenceEngineCore:
         t0 = time.perf_counter()
         with torch.no_grad():
             patches = recv_sparse(group, metas, self.device)
-            for patch in patches:
-                apply_patch(self.params[patch.name], patch)
+            apply_patches(self.params, patches)  # a few scatters: the params are laid out flat
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return {"recv_ms": (time.perf_counter() - t0) * 1e3, "elements": sum(m.count for m in metas)}

@@ -678,7 +678,7 @@ class WsyncWorkerExtension:
         """Second half: wait for the posted receives, decode on the GPU, check every index is in range
         (one host sync; a bad patch leaves the model untouched), then scatter each patch into its runtime
         slice (O(changed))."""
-        from wsync.transfer.sparse import apply_patch
+        from wsync.transfer.sparse import apply_patches
 
         pending, self._wsync_pending = getattr(self, "_wsync_pending", None), None
         if pending is None:
@@ -693,8 +693,7 @@ class WsyncWorkerExtension:
                                                  [m["targets"][p.name].numel() for p in live]):
                 raise ValueError("wsync: sparse index out of range; nothing was applied")
             t2 = time.perf_counter()
-            for p in live:
-                apply_patch(m["targets"][p.name], p)
+            apply_patches(m["targets"], live)  # q/k/v and gate/up slices share a storage: one scatter each
         _sync()
         t3 = time.perf_counter()
         return {"recv_ms": (t3 - t0) * 1e3, "wait_decode_ms": stats.ms, "check_ms": (t2 - t1) * 1e3,

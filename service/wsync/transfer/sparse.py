@@ -20,6 +20,7 @@ from .encodings import (
     AUTO, AUTO_ORDER, DENSE, ENCODINGS, FLAT, IndexStats, SparseMeta, SparsePatch, check_numel, decode,
     decode_many, encode, encode_pieces, encoded_sizes, plan_stats,
 )
+from .apply import apply_patch, apply_patches
 from .group import Handle, SyncGroup
 from .meta import TensorMeta, Timer, TransferStats, first_device
 
@@ -253,27 +254,3 @@ def recv_sparse(group: SyncGroup, metas: Sequence[SparseMeta],
                 device: torch.device | str | None = None) -> list[SparsePatch]:
     """Receive and decode the patches of one sparse sync (metas order)."""
     return recv_sparse_with_stats(group, metas, device)[0]
-
-
-def apply_patch(param: torch.Tensor, patch: SparsePatch) -> None:
-    """Write `patch` into `param` in place: O(changed elements), bit-exact."""
-    if patch.values.dtype != param.dtype:
-        raise ValueError(f"{patch.name}: values are {patch.values.dtype}, parameter is {param.dtype}")
-    if patch.count == 0:
-        return
-    with torch.no_grad():
-        target = param.detach()
-        idx = patch.indices.to(target.device).long()
-        vals = patch.values.to(target.device)
-        if target.is_contiguous():
-            target.view(-1).index_copy_(0, idx, vals)
-        else:
-            tmp = target.contiguous()
-            tmp.view(-1).index_copy_(0, idx, vals)
-            target.copy_(tmp)
-
-
-def apply_patches(params: Mapping[str, torch.Tensor], patches: Iterable[SparsePatch]) -> None:
-    """apply_patch for each patch, looked up by name in `params`."""
-    for patch in patches:
-        apply_patch(params[patch.name], patch)
