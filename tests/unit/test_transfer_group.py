@@ -130,7 +130,7 @@ def worker(rank: int, ports: list[int], backend: str, world: int) -> None:
     except PatchValidationError as err:
         assert err.rule == "indices_unique"
     group.barrier()
-    group.close()
+    group.close(abort=rank > 0)  # engines may abort while the trainer shuts down gracefully
     group.close()
     # the same process opens a second group later (no init_process_group)
     with open_group(Rendezvous("127.0.0.1", ports[1], world, backend, "second"), rank, device, 60) as again:

@@ -519,9 +519,12 @@ class WsyncWorkerExtension:
         return {"rank": int(rank), "device": str(self.device)}
 
     def wsync_close_sync_group(self) -> None:
+        """Abort, not the graceful shutdown: closing the group gracefully inside vLLM's worker stalled
+        until a timeout on the GPU machine (vLLM 0.24.0; the bench's teardown and the service's engine
+        deletion). Not yet re-run on a GPU with abort."""
         group, self._wsync_group = getattr(self, "_wsync_group", None), None
         if group is not None:
-            group.close()
+            group.close(abort=True)
 
     def _wsync_model(self):
         runner = self.model_runner

@@ -104,11 +104,13 @@ class SyncGroup:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def close(self) -> None:
-        """Release the process group and store; idempotent, does no collective."""
+    def close(self, abort: bool = False) -> None:
+        """Release the process group and store; idempotent, does no collective. `abort=True` tears the
+        communicator down without the graceful shutdown's wait (for a side that must not block on its
+        peers, e.g. inside a vLLM worker; see WsyncWorkerExtension.wsync_close_sync_group)."""
         pg, self._pg = self._pg, None
         if pg is not None:
-            for method in ("shutdown", "abort"):
+            for method in ("abort", "shutdown") if abort else ("shutdown", "abort"):
                 fn = getattr(pg, method, None)
                 if fn is None:
                     continue
