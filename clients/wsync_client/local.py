@@ -42,16 +42,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalServer:
     """A wsync service child process. It inherits the environment; unless `WSYNC_DATABASE_URL` is set,
     it gets a private SQLite DB in its temp dir (so its start-up never marks another server's running
-    jobs failed). stdout+stderr go to `log_path`."""
+    jobs failed). stdout+stderr go to `log_path` (default: the temp dir), written as the server runs."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", env: Mapping[str, str] | None = None,
                  ready_timeout: float = READY_TIMEOUT_S,
-                 client_factory: Callable[[str], Client] | None = None) -> None:
+                 client_factory: Callable[[str], Client] | None = None, log_path: str | Path | None = None) -> None:
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.ready_timeout = ready_timeout
         self.dir = Path(tempfile.mkdtemp(prefix="wsync-server-"))
-        self.log_path = self.dir / "server.log"
+        self.log_path = Path(log_path) if log_path is not None else self.dir / "server.log"
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("WSYNC_DATABASE_URL", f"sqlite:///{self.dir / 'wsync.db'}")
         self._factory = client_factory or (lambda url: Client(url))

@@ -8,7 +8,7 @@ from wsync_client.local import LocalServer
 def start_service(db_path) -> LocalServer:
     env = {"WSYNC_DATABASE_URL": f"sqlite:///{db_path}", "WSYNC_RAY_NUM_CPUS": "2", "WSYNC_DEVICE": "cpu",
            "RAY_AUTH_MODE": "disabled"}
-    server = LocalServer(env=env, ready_timeout=240)
+    server = LocalServer(env=env, ready_timeout=240, log_path=db_path.parent / "server.log")
     server.start()
     try:
         server.wait_ready()

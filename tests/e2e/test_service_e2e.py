@@ -59,6 +59,8 @@ def test_results_survive_a_restart(service, db_path):
         before = c.results.list(limit=200)
     assert before.total >= 5
     service.stop()
+    log = (db_path.parent / "server.log").read_text(errors="replace")  # written where we asked, as it ran
+    assert service.log_path == db_path.parent / "server.log" and "/v1/results" in log
     again = start_service(db_path)
     try:
         with Client(again.url) as c:

@@ -14,13 +14,14 @@ pytestmark = pytest.mark.gpu
 def service(report_dir):
     from wsync_client.local import LocalServer
 
-    server = LocalServer(env={"WSYNC_DEVICE": "cuda"}, ready_timeout=600)  # private SQLite in a temp dir
+    # private SQLite in a temp dir; the log goes straight to the report dir, so a run cut off by a time
+    # limit still leaves it there
+    server = LocalServer(env={"WSYNC_DEVICE": "cuda"}, ready_timeout=600, log_path=report_dir / "service.log")
     server.start()
     try:
         server.wait_ready()
         yield server
     finally:
-        (report_dir / "service.log").write_text(server.log_tail(4000))
         server.stop()
 
 
