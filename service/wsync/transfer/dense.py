@@ -74,25 +74,30 @@ class _Slots:
         self.busy: list[tuple[Handle, Callable[[], None]] | None] = [None, None]
         self.turn = 0
 
-    def _release(self, slot: int) -> None:
+    def release(self, slot: int) -> None:
+        """Wait for the slot's broadcast and run its finish (e.g. the unpack), so it can be refilled."""
         pending, self.busy[slot] = self.busy[slot], None
         if pending is not None:
             pending[0].wait()
             pending[1]()
 
-    def take(self, nbytes: int) -> tuple[int, torch.Tensor]:
-        slot, self.turn = self.turn, 1 - self.turn
-        self._release(slot)
+    def buffer(self, slot: int) -> torch.Tensor:
+        """The slot's whole buffer, allocated on first use."""
         if self.bufs[slot] is None:
             self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
-        return slot, self.bufs[slot][:nbytes]
+        return self.bufs[slot]
+
+    def take(self, nbytes: int) -> tuple[int, torch.Tensor]:
+        slot = self.turn
+        self.release(slot)
+        return slot, self.buffer(slot)[:nbytes]
 
     def occupy(self, slot: int, work: Handle, finish: Callable[[], None] = lambda: None) -> None:
-        self.busy[slot] = (work, finish)
+        self.busy[slot], self.turn = (work, finish), 1 - slot
 
     def drain(self) -> None:
         for slot in (self.turn, 1 - self.turn):  # oldest first
-            self._release(slot)
+            self.release(slot)
 
 
 def _packed_size(metas: Sequence[TensorMeta], tensors: Sequence[torch.Tensor],
@@ -218,47 +223,37 @@ class DenseReceiver:
         targets = [params[m.name].detach() for m in self.metas]
         self.device = first_device(targets, device or torch.device("cpu"))
         self.bytes = sum(m.nbytes for m in self.metas)
-        buckets = [b for b in plan_buckets(self.metas, bucket_bytes) if _bucket_bytes(self.metas, b)]
-        staged = [b for b in buckets if _storage_view(targets, b, _bucket_bytes(self.metas, b)) is None]
-        size = max((_bucket_bytes(self.metas, b) for b in staged), default=0)
-        bufs = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(min(2, len(staged)))]
+        planned = []  # (bucket, bytes, in-place view or None)
+        for b in plan_buckets(self.metas, bucket_bytes):
+            nbytes = _bucket_bytes(self.metas, b)
+            if nbytes:
+                planned.append((b, nbytes, _storage_view(targets, b, nbytes)))
+        self._slots = _Slots(self.device, max((n for _, n, v in planned if v is None), default=0))
         # per bucket: (wire view, staging slot or -1, finish); the j-th staged bucket uses slot j % 2
         self.steps: list[tuple[torch.Tensor, int, Callable[[], None]]] = []
-        j = 0
-        for b in buckets:
-            nbytes = _bucket_bytes(self.metas, b)
-            view = _storage_view(targets, b, nbytes)
+        staged = 0
+        for b, nbytes, view in planned:
             if view is not None:
                 self.steps.append((view, -1, lambda: None))
             else:
-                buf = bufs[j % 2][:nbytes]
-                self.steps.append((buf, j % 2, _unpack_fn(targets, self.metas, b, buf)))
-                j += 1
+                slot, staged = staged % 2, staged + 1
+                buf = self._slots.buffer(slot)[:nbytes]
+                self.steps.append((buf, slot, _unpack_fn(targets, self.metas, b, buf)))
 
     def recv(self, group: SyncGroup) -> TransferStats:
         stats = TransferStats(bytes=self.bytes)
-        busy: list[tuple[Handle, Callable[[], None]] | None] = [None, None]
         works: list[Handle] = []
-
-        def release(slot: int) -> None:
-            pending, busy[slot] = busy[slot], None
-            if pending is not None:
-                pending[0].wait()
-                pending[1]()
-
         with torch.no_grad(), Timer(self.device) as timer:
             for wire, slot, finish in self.steps:
                 if slot < 0:
                     works.append(group.broadcast_async(wire, src=0))
                     stats.zero_copy += 1
                 else:
-                    release(slot)  # its previous bucket is written out before the buffer is refilled
-                    busy[slot] = (group.broadcast_async(wire, src=0), finish)
+                    self._slots.release(slot)  # its previous bucket is written out before the buffer is refilled
+                    self._slots.occupy(slot, group.broadcast_async(wire, src=0), finish)
                 stats.wire_bytes += wire.numel()
                 stats.messages += 1
-            last = next((s for _, s, _ in reversed(self.steps) if s >= 0), 0)
-            release(1 - last)  # oldest first
-            release(last)
+            self._slots.drain()
             for work in works:
                 work.wait()
         stats.ms = timer.ms

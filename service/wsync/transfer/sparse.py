@@ -218,7 +218,6 @@ class SparseReceive:
                 self._works.append(group.broadcast_async(self._stream, src=0))
                 self.stats.wire_bytes += total
                 self.stats.messages += 1
-        self.post_ms = (time.perf_counter() - self._t0) * 1e3
 
     def wait(self) -> tuple[list[SparsePatch], TransferStats]:
         """The patches (metas order, decoded on the device) and the stats; `stats.ms` runs from the post."""
