@@ -77,13 +77,20 @@ def summary(ctx: Ctx, samples: list[dict]) -> dict:
 
 
 # ---- sender sections ----------------------------------------------------------------------------
-def setup_core(ctx: Ctx) -> dict:
+def init_sender(ctx: Ctx, weights_seed: int, mutate_seed: int):
+    """The phase's shape: its metas, random weights laid out flat in the dense buckets (as the service's
+    trainer lays them out) and the generator of the mutations between syncs. Returns the shape."""
     shape = get_shape(ctx.cfg["shape"])
     ctx.metas = hf_metas(shape)
     ctx.specs = {m.name: m for m in ctx.metas}
-    ctx.weights = make_weights(ctx.metas, ctx.device, seed=1)
-    flatten_params(ctx.weights, ctx.cfg["bucket_bytes"])  # as the service's trainer lays them out
-    ctx.gen = torch.Generator(device=ctx.device).manual_seed(7)
+    ctx.weights = make_weights(ctx.metas, ctx.device, seed=weights_seed)
+    flatten_params(ctx.weights, ctx.cfg["bucket_bytes"])
+    ctx.gen = torch.Generator(device=ctx.device).manual_seed(mutate_seed)
+    return shape
+
+
+def setup_core(ctx: Ctx) -> dict:
+    init_sender(ctx, weights_seed=1, mutate_seed=7)
     rdv = ctx.rdv("core")
     info = ctx.start("setup_core", rdv=rdv.to_dict(), metas=[m.to_dict() for m in ctx.metas])
     ctx.group = ctx.data = open_group(rdv, 0, ctx.device, ctx.cfg["group_timeout_s"])

@@ -17,15 +17,13 @@ from typing import Any
 import torch
 
 from wsync.transfer.dense import send_dense
-from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, open_group
 from wsync.transfer.meta import dtype_name
 
-from .core import Ctx, dense_variant, sparse_variant, summary
+from .core import Ctx, dense_variant, init_sender, sparse_variant, summary
 from .proto import CheckError, Clock, PeerError, check_equal, fingerprints, mutate
 from .shapes import (
-    fused_tensors, get_shape, hf_metas, make_weights, runtime_layout, runtime_patches, runtime_shapes,
-    write_hf_folder,
+    fused_tensors, get_shape, runtime_layout, runtime_patches, runtime_shapes, write_hf_folder,
 )
 
 
@@ -50,12 +48,7 @@ def setup_vllm(ctx: Ctx) -> dict:
     api = va.detect_generation()
     if not api.installed:
         raise RuntimeError(f"vLLM not importable: {'; '.join(api.notes)}")
-    shape = get_shape(ctx.cfg["shape"])
-    ctx.metas = hf_metas(shape)
-    ctx.specs = {m.name: m for m in ctx.metas}
-    ctx.weights = make_weights(ctx.metas, ctx.device, seed=2)
-    flatten_params(ctx.weights, ctx.cfg["bucket_bytes"])  # as the service's trainer lays them out
-    ctx.gen = torch.Generator(device=ctx.device).manual_seed(11)
+    shape = init_sender(ctx, weights_seed=2, mutate_seed=11)
     ctx.extra["layout"] = layout = runtime_layout(ctx.metas, shape.tied)
     ctx.extra["rt_shapes"] = runtime_shapes(layout, ctx.metas)
     ctx.extra["api"] = api

@@ -98,12 +98,12 @@ def _sync_group(fleet: Fleet, ctx: JobContext, kind: str, protocol: str, recs: l
     name = _link(fleet, ctx, kind, protocol, recs)
     try:
         ray.get([h.pause.remote() for h in handles], timeout=timeout)
-        if kind == "vllm" and not vllm:  # direct route: the engines' maps are ready before any byte moves
-            dense_metas = ray.get(trainer.dense_metas.remote(), timeout=timeout)
+        direct = kind == "vllm" and not vllm
+        dense_metas = ray.get(trainer.dense_metas.remote(), timeout=timeout) if mode == "dense" or direct else None
+        if direct:  # the engines' maps are ready before any byte moves
             ray.get([h.prepare_sync.remote(dense_metas, bucket) for h in handles], timeout=timeout)
         if mode == "dense":
-            metas = ray.get(trainer.dense_metas.remote(), timeout=timeout)
-            update = {"metas": metas, "bucket_bytes": bucket, "packed": False}
+            update = {"metas": dense_metas, "bucket_bytes": bucket, "packed": False}
             send = trainer.send_dense_vllm.remote(name, False) if vllm else trainer.send_dense.remote(name, bucket)
             recvs = [h.recv_dense.remote(update) for h in handles]
         else:

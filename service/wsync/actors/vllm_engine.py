@@ -233,10 +233,8 @@ class VLLMEngineCore:
     def recv_sparse(self, update: dict) -> dict:
         llm, metas = self._require_group(), list(update["metas"])
         if self.direct:
-            if update.get("dense_metas") is not None:
-                self._ensure_map(list(update["dense_metas"]), int(update.get("bucket_bytes") or 0) or None)
-            elif self._map_key is None:
-                raise VLLMEngineError("no param map yet: call prepare_sync (or send dense_metas with the update)")
+            if self._map_key is None:
+                raise VLLMEngineError("no param map yet: call prepare_sync first")
             t0 = time.perf_counter()
             got = llm.collective_rpc("wsync_recv_sparse_direct", args=(metas,))[0]
             return {**self._done("sparse", "direct", t0, va.sparse_payload_bytes(metas) if metas else 0),
@@ -307,14 +305,13 @@ class VLLMEngineCore:
         self._ensure_map(hf_metas, int(bucket_bytes))
         return {"route": "direct"}
 
-    def _ensure_map(self, hf_metas: list, bucket_bytes: int | None) -> None:
+    def _ensure_map(self, hf_metas: list, bucket_bytes: int) -> None:
         """Build the worker's name-and-slice map (and dense receiver) once per layout: checkpoint names,
         dtypes, shapes in wire order, and the dense bucket size."""
-        bucket = bucket_bytes or (self._map_key[1] if self._map_key else 256 * 2**20)
         key = (tuple((m["name"], va.dtype_str(m["dtype"]), tuple(int(d) for d in m["shape"])) for m in hf_metas),
-               int(bucket))
+               int(bucket_bytes))
         if key != self._map_key:
-            self._require_llm().collective_rpc("wsync_build_param_map", args=(list(hf_metas), int(bucket)))
+            self._require_llm().collective_rpc("wsync_build_param_map", args=(list(hf_metas), int(bucket_bytes)))
             self._map_key = key
 
     def _metas(self) -> dict[str, dict]:
