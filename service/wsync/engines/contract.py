@@ -1,0 +1,95 @@
+"""The one engine contract: what every engine core (reference, vLLM, test fakes) implements, and the
+typed messages the sync layer and the trainer exchange with it.
+
+An engine core is a plain class (the actors layer wraps it in ``ray.remote``; fast tests call it in
+process). The sync layer never branches on the engine's kind: it asks the engine which transports it
+can receive on (``EngineDetails.transports``), picks one transport object once per engine
+(``wsync.sync.transports``), and then drives only the methods below.
+
+Messages are dataclasses (picklable by Ray, no torch tensors inside): metas travel as
+``TensorMeta`` / ``SparseMeta`` from ``wsync.transfer``, never as dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from wsync.transfer.meta import TensorMeta
+from wsync.transfer.sparse import SparseMeta
+
+
+@dataclass
+class EngineDetails:
+    """What an engine reports once it is ready."""
+
+    kind: str
+    model: str
+    device: str
+    num_tensors: int
+    #: transports this engine can receive on, best first (names from the transport registry)
+    transports: list[str] = field(default_factory=list)
+    #: physical GPU UUID ("GPU-…") where the engine's weights live; None on CPU
+    gpu_uuid: str | None = None
+    #: engine-specific facts shown to operators (vLLM generation, route notes, …); JSON-able
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DenseUpdate:
+    """Every parameter, by checkpoint name, in the dense wire's order and buckets."""
+
+    metas: list[TensorMeta]
+    bucket_bytes: int
+    packed: bool = False
+
+
+@dataclass
+class SparseUpdate:
+    """Only changed elements: one SparseMeta per tensor, in the wire's order."""
+
+    metas: list[SparseMeta]
+
+
+@dataclass
+class ReceiveReport:
+    """What one engine's receive cost."""
+
+    recv_ms: float
+    bytes: int = 0
+    elements: int = 0
+    messages: int = 0
+    zero_copy: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EngineCore(Protocol):
+    """Every engine core implements these; the sync layer calls nothing else."""
+
+    kind: str
+
+    def ready(self) -> EngineDetails: ...
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def param_metas(self) -> list[TensorMeta]: ...
+
+    def fingerprint(self, names: list[str] | None = None) -> dict[str, str]: ...
+
+    def join_group(self, rendezvous: dict, rank: int, transport: str) -> None: ...
+
+    def leave_group(self) -> None: ...
+
+    def prepare_sync(self, update: DenseUpdate) -> None:
+        """Build whatever the receive needs (maps, plans) before any byte moves; may be a no-op."""
+
+    def recv_dense(self, update: DenseUpdate) -> ReceiveReport: ...
+
+    def recv_sparse(self, update: SparseUpdate) -> ReceiveReport: ...
+
+    def shutdown(self) -> None: ...
