@@ -24,7 +24,7 @@ def create_trainer(device: str, max_snapshots: int = 1, bucket_bytes: int | None
 
 def create_engine(kind: str, model: str, device: str, options: dict):
     if kind == "vllm":
-        from wsync.actors.vllm_engine import VLLMEngineCore as core
+        from wsync.engines.vllm.engine import VLLMEngineCore as core
     else:
         from wsync.engines.reference import ReferenceEngineCore as core
     cls = ray.remote(core)

@@ -196,7 +196,7 @@ class TrainerCore:
         self.groups[rendezvous["name"]] = ("wsync", open_group(Rendezvous(**rendezvous), 0, self.device))
 
     def open_vllm_group(self, rendezvous: dict) -> None:
-        from wsync.engines import vllm_adapter as va
+        from wsync.engines import vllm as va
 
         self.close_group(rendezvous["name"])
         api = va.detect_generation()
@@ -210,7 +210,7 @@ class TrainerCore:
             if kind == "wsync":
                 group.close()
             elif kind == "vllm":
-                from wsync.engines import vllm_adapter as va
+                from wsync.engines import vllm as va
 
                 va.trainer_close_group(group[1])
 
@@ -231,7 +231,7 @@ class TrainerCore:
 
     # ---- transfer to vLLM engines: vLLM's own trainer-side helpers, so the wire is vLLM's --
     def send_dense_vllm(self, group: str, packed: bool = False) -> dict:
-        from wsync.engines import vllm_adapter as va
+        from wsync.engines import vllm as va
 
         api, handle = self._group(group, "vllm")
         ms = va.trainer_send_dense(api, handle, list(self.params.items()), packed=packed)
@@ -239,7 +239,7 @@ class TrainerCore:
         return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 0}
 
     def send_sparse_vllm(self, group: str, patch_id: str) -> dict:
-        from wsync.engines import vllm_adapter as va
+        from wsync.engines import vllm as va
 
         api, handle = self._group(group, "vllm")
         patches = self._patch(patch_id)

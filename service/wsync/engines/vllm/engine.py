@@ -1,0 +1,340 @@
+"""VLLMEngineCore: the vLLM engine behind the one engine contract (engines/contract.py), a plain class
+the actors layer wraps with ``ray.remote(num_gpus=1)``. vLLM is reached only through this package.
+
+Construction inside a Ray actor: ``vllm.LLM(..., tensor_parallel_size=1,
+distributed_executor_backend="uni")`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so vLLM's EngineCore
+and its single GPU worker live in this actor's process, on the GPU Ray assigned to it (cuda:0 there).
+Not the reference example's ``ray.remote(LLM)`` + Ray executor: the actor already holds num_gpus=1 and
+a Ray executor would ask Ray for a second GPU. With multiprocessing on (options["v1_multiprocessing"])
+vLLM spawns an EngineCore child Ray does not track; everything here uses named collective_rpc methods,
+so that still works.
+
+The route is decided once, at start, and reported in ready() (extra["route"], extra["route_note"]):
+- "direct" (options["sync_route"]="direct"): wsync's own wire ("nccl" on a GPU, "gloo" on CPU) into
+  the runtime parameters (engines/vllm/direct.py); the trainer sends with wsync's send_dense /
+  send_sparse. Where the worker cannot map the model (TP>1, quantized, an unmapped architecture) the
+  engine starts on "native" instead and says why.
+- "native" (the default; the route proven through the service on the GPU machine): transport
+  "vllm_native", vLLM's own weight-transfer API and wire; the trainer sends through
+  engines/vllm/trainer.py. How each mode is received (vLLM's engine or the worker extension) is
+  `receive_plan`, also fixed at start and reported (extra["receive"]).
+
+Native call sequence (the trainer half runs concurrently on the trainer actor):
+  pause():      llm.sleep(level=0)
+  join_group(): llm.init_weight_transfer_engine({"init_info": {master_address, master_port,
+                rank_offset=rank, world_size}})                      || trainer_open_group (rank 0)
+  recv_dense(): Gen A: start_weight_update(is_checkpoint_format=True) -> update_weights({names,
+                dtype_names, shapes, packed}) -> finish_weight_update  || trainer_send_dense
+                Gen B-D ('sparse_nccl' engine): collective_rpc('wsync_recv_dense'), model.load_weights
+  recv_sparse(): start_weight_update(Gen A: is_checkpoint_format=False) -> update_weights({names,
+                dtype_names, shapes, num_updates_list, Gen A: update_kind="sparse_flat"}) -> finish
+                                                                      || trainer_send_sparse
+  after every receive: llm.reset_prefix_cache() (cached KV was computed with the old weights)
+  resume():     llm.wake_up(tags=["scheduling"])
+
+Names: param_metas/fingerprint report vLLM *runtime* parameters (q/k/v_proj fused into qkv_proj,
+gate/up_proj into gate_up_proj; a tied lm_head absent). Dense updates use checkpoint names; native
+sparse patches (Gen A-C) use runtime names (Gen D and the direct route: checkpoint names)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+from wsync.engines.contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
+from wsync.transfer.group import backend_for
+from wsync.transfer.meta import TensorMeta, dtype_name
+
+from .detect import VLLMApi, _vllm, check_packed, detect_generation, receive_plan, require_installed
+from .payloads import (
+    count_of, dense_payload_bytes, dense_update_info, engine_kwargs, init_info, meta_row, sparse_payload_bytes,
+    sparse_update_info,
+)
+
+NATIVE = "vllm_native"
+ROUTES = ("direct", "native")
+
+
+class VLLMEngineError(RuntimeError):
+    pass
+
+
+# ---- vLLM calls on the engine side ------------------------------------------------------------
+def create_llm(model: str, **kwargs):
+    return _vllm("vllm").LLM(model=model, **kwargs)
+
+
+def greedy_params(max_tokens: int):  # temperature 0 = greedy
+    return _vllm("vllm").SamplingParams(temperature=0.0, max_tokens=int(max_tokens))
+
+
+def shutdown_llm(llm) -> None:
+    getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", lambda: None)()
+    with contextlib.suppress(Exception):
+        ps = _vllm("vllm.distributed.parallel_state")
+        ps.destroy_model_parallel()
+        ps.destroy_distributed_environment()
+
+
+def gpu_uuid() -> str | None:
+    """"GPU-<uuid>" of the GPU this process computes on (cuda:0: Ray's CUDA_VISIBLE_DEVICES), None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def native_recv_dense(api: VLLMApi, llm, metas: list, packed: bool, plan: dict) -> None:
+    if plan["dense"] == "extension":  # e.g. a dense reseed of a 'sparse_nccl' engine (Gen B-D)
+        if packed:
+            check_packed(api, plan)
+        llm.collective_rpc("wsync_recv_dense", kwargs=dense_update_info(metas))
+        return
+    _start(api, llm, checkpoint_format=True)
+    _update(llm, dense_update_info(metas, packed, api))
+
+
+def native_recv_sparse(api: VLLMApi, llm, metas: list, plan: dict) -> None:
+    if not metas:
+        return  # nothing is broadcast for an empty patch set (vLLM rejects an empty num_updates_list)
+    if plan["sparse"] == "extension":
+        llm.collective_rpc("wsync_recv_sparse", kwargs=sparse_update_info(metas))
+        return
+    _start(api, llm, checkpoint_format=False)
+    _update(llm, sparse_update_info(metas, api))
+
+
+def _start(api: VLLMApi, llm, checkpoint_format: bool) -> None:
+    if api.start_takes_checkpoint_format:  # Gen A
+        llm.start_weight_update(is_checkpoint_format=checkpoint_format)
+    else:
+        llm.start_weight_update()
+
+
+def _update(llm, update_info: dict) -> None:
+    """update_weights, then finish. When update_weights raises, the 0.24 worker has already closed the
+    session (calling finish would raise a second, misleading error), so finish only on success."""
+    llm.update_weights({"update_info": update_info})
+    llm.finish_weight_update()
+
+
+def _default_max_len(model: str, wanted: int | None) -> int:
+    """options["max_model_len"], else min(1024, the model's max_position_embeddings) for a local folder."""
+    if wanted:
+        return int(wanted)
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        return min(1024, int(cfg.get("max_position_embeddings") or 1024))
+    except (OSError, ValueError, TypeError):
+        return 1024
+
+
+def _as_dict(m) -> dict:
+    return m.to_dict() if hasattr(m, "to_dict") else dict(m)
+
+
+class VLLMEngineCore:
+    """The engine contract over a vllm.LLM. options: sync_route ("native" | "direct"),
+    gpu_memory_utilization, enforce_eager, max_model_len, v1_multiprocessing, and
+    native_via_extension (receive both modes through the worker extension, same wire)."""
+
+    kind = "vllm"
+
+    def __init__(self, model: str, device: str = "cuda", options: dict | None = None):
+        opts = dict(options or {})
+        self.model_name, self.device = model, device
+        wanted = str(opts.get("sync_route") or "native")
+        if wanted not in ROUTES:
+            raise VLLMEngineError(f"sync_route must be 'direct' or 'native', not {wanted!r}")
+        self.api = detect_generation()
+        require_installed(self.api, "a vLLM engine")
+        self.plan = receive_plan(self.api, extension_only=bool(opts.get("native_via_extension")))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if opts.get("v1_multiprocessing") else "0"
+        kwargs = engine_kwargs(self.api, float(opts.get("gpu_memory_utilization", 0.5)),
+                               bool(opts.get("enforce_eager", True)),
+                               max_model_len=_default_max_len(model, opts.get("max_model_len")))
+        self.llm = create_llm(model, **kwargs)
+        self.route, self.route_note = wanted, None
+        if wanted == "direct":
+            self.route_note = self._direct_unsupported()
+            self.route = "native" if self.route_note else "direct"
+        self.transport: str | None = None  # the transport of the group joined, None outside one
+        self.paused = False
+        self._map_key: tuple | None = None
+        self._runtime_metas: list[TensorMeta] | None = None
+
+    # ---- contract: serving --------------------------------------------------------------
+    def ready(self) -> EngineDetails:
+        extra = {"vllm_version": self.api.version, "generation": self.api.generation,
+                 "weight_transfer_backend": self.api.sparse_backend, "route": self.route,
+                 **({"receive": dict(self.plan)} if self.route == "native" else {}),
+                 **({"route_note": self.route_note} if self.route_note else {})}
+        return EngineDetails(kind=self.kind, model=self.model_name, device=self.device,
+                             num_tensors=len(self.param_metas()), transports=self.transports(),
+                             gpu_uuid=gpu_uuid() if self.device == "cuda" else None, extra=extra)
+
+    def transports(self) -> list[str]:
+        """What this engine receives on, best first: wsync's wire on the direct route, vLLM's otherwise."""
+        return [backend_for(self.device)] if self.route == "direct" else [NATIVE]
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
+        llm = self._require_llm()
+        if self.paused:
+            raise VLLMEngineError("engine is paused for a weight update")
+        outs = llm.generate(list(prompts), greedy_params(max_new_tokens), use_tqdm=False)
+        return [{"token_ids": [int(t) for t in o.outputs[0].token_ids], "text": o.outputs[0].text} for o in outs]
+
+    def pause(self) -> None:
+        self._require_llm().sleep(level=0)
+        self.paused = True
+
+    def resume(self) -> None:
+        self._require_llm().wake_up(tags=["scheduling"])
+        self.paused = False
+
+    def shutdown(self) -> None:
+        if self.llm is None:
+            return
+        try:
+            self.leave_group()
+        finally:
+            llm, self.llm = self.llm, None
+            shutdown_llm(llm)
+            del llm
+            gc.collect()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ---- contract: weights --------------------------------------------------------------
+    def param_metas(self) -> list[TensorMeta]:
+        """Runtime parameters of the served model (vLLM names; see the module docstring)."""
+        if self._runtime_metas is None:
+            got = self._require_llm().collective_rpc("wsync_param_metas")[0]
+            self._runtime_metas = [TensorMeta.from_dict(m) for m in got]
+        return list(self._runtime_metas)
+
+    def fingerprint(self, names: list[str] | None = None) -> dict[str, str]:
+        """wsync.transfer.fingerprint over runtime parameters, computed inside the worker. Unknown
+        names (e.g. HF q_proj names of a fused qkv_proj) are left out of the answer."""
+        return self._require_llm().collective_rpc("wsync_fingerprint", args=(names,))[0]
+
+    def join_group(self, rendezvous: dict, rank: int, transport: str) -> None:
+        """Join the trainer's group at `rank` (>= 1; the trainer is 0) on one of ready().transports:
+        "vllm_native" joins vLLM's own group, otherwise the worker joins a wsync SyncGroup."""
+        llm = self._require_llm()
+        if transport not in self.transports():
+            raise VLLMEngineError(f"this vLLM engine ({self.route} route) receives on {self.transports()}, "
+                                  f"not {transport!r}")
+        if int(rank) < 1:
+            raise VLLMEngineError("rank 0 is the trainer; a vLLM engine joins at rank >= 1")
+        if self.transport is not None:
+            self.leave_group()
+        if transport == NATIVE:
+            llm.init_weight_transfer_engine({"init_info": init_info(
+                rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), rank_offset=int(rank))})
+        else:
+            llm.collective_rpc("wsync_open_sync_group", args=(dict(rendezvous), int(rank), 300.0, False))
+        self.transport = transport
+
+    def leave_group(self) -> None:
+        llm, transport, self.transport = self.llm, self.transport, None
+        if llm is None or transport is None:
+            return
+        if transport == NATIVE:
+            if hasattr(llm, "shutdown_weight_transfer_engine"):  # 0.32+
+                llm.shutdown_weight_transfer_engine()
+            llm.collective_rpc("wsync_close_group")
+        else:
+            llm.collective_rpc("wsync_close_sync_group")
+
+    def prepare_sync(self, update: DenseUpdate) -> None:
+        """Direct route, before the trainer sends anything: build (or keep) the worker's map for this
+        layout, so a model the map cannot serve fails here and never leaves the trainer mid-broadcast.
+        A no-op on the native route."""
+        if self.route == "direct":
+            self._ensure_map(update.metas, int(update.bucket_bytes))
+
+    def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
+        llm, metas = self._require_group(), list(update.metas)
+        if self.transport != NATIVE:
+            self._ensure_map(metas, int(update.bucket_bytes))
+            t0 = time.perf_counter()
+            got = llm.collective_rpc("wsync_recv_dense_direct")[0]
+            return self._report(t0, int(got["bytes"]), messages=int(got.get("messages", 0)),
+                                zero_copy=int(got.get("zero_copy", 0)))
+        t0 = time.perf_counter()
+        native_recv_dense(self.api, llm, metas, bool(update.packed), self.plan)
+        return self._report(t0, dense_payload_bytes(metas), receive=self.plan["dense"])
+
+    def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
+        llm, metas = self._require_group(), list(update.metas)
+        nbytes, elements = sparse_payload_bytes(metas), sum(count_of(m) for m in metas)
+        if self.transport != NATIVE:
+            if self._map_key is None:
+                raise VLLMEngineError("no param map yet: call prepare_sync first")
+            t0 = time.perf_counter()
+            got = llm.collective_rpc("wsync_recv_sparse_direct", args=([_as_dict(m) for m in metas],))[0]
+            return self._report(t0, nbytes, elements=elements, wire_bytes=int(got.get("wire_bytes", 0)))
+        if any((_as_dict(m).get("encoding") or "flat_int32") != "flat_int32" for m in metas):
+            raise VLLMEngineError("vLLM's own wire takes the flat_int32 sparse encoding only")
+        if not (self.plan["sparse"] == "native" and self.api.checkpoint_coords):
+            self._check_runtime_names(metas)
+        t0 = time.perf_counter()
+        native_recv_sparse(self.api, llm, metas, self.plan)
+        return self._report(t0, nbytes, elements=elements, receive=self.plan["sparse"])
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _require_llm(self):
+        if self.llm is None:
+            raise VLLMEngineError("engine was shut down")
+        return self.llm
+
+    def _require_group(self):
+        llm = self._require_llm()
+        if self.transport is None:
+            raise VLLMEngineError("engine has not joined a transfer group")
+        return llm
+
+    def _direct_unsupported(self) -> str | None:
+        """Why the worker cannot serve the direct route (None: it can)."""
+        try:
+            return self.llm.collective_rpc("wsync_direct_unsupported")[0]
+        except Exception as exc:  # noqa: BLE001 - no worker extension: vLLM's own path still works
+            return f"wsync worker extension unavailable: {exc}"
+
+    def _ensure_map(self, hf_metas: list, bucket_bytes: int) -> None:
+        """Build the worker's name-and-slice map (and dense receiver) once per layout: checkpoint names,
+        dtypes, shapes in wire order, and the dense bucket size."""
+        rows = [meta_row(m) for m in hf_metas]
+        key = (tuple((n, d, tuple(s)) for n, d, s in rows), int(bucket_bytes))
+        if key != self._map_key:
+            metas = [{"name": n, "dtype": d, "shape": s} for n, d, s in rows]
+            self._require_llm().collective_rpc("wsync_build_param_map", args=(metas, int(bucket_bytes)))
+            self._map_key = key
+
+    def _check_runtime_names(self, metas: list) -> None:
+        """Refuse before any byte moves (the trainer's send then has no receiver: the sync layer must
+        tear the group down). Gen A-C patches address runtime parameters by flat index."""
+        runtime = {m.name: m for m in self.param_metas()}
+        for name, dtype, shape in (meta_row(m) for m in metas):
+            r = runtime.get(name)
+            if r is None:
+                raise VLLMEngineError(f"{name}: no such runtime parameter in vLLM (runtime names fuse "
+                                      "q/k/v_proj into qkv_proj and gate/up_proj into gate_up_proj)")
+            if list(r.shape) != list(shape) or r.dtype != dtype_name(dtype):
+                raise VLLMEngineError(f"{name}: engine has {r.dtype}{list(r.shape)}, update says {dtype}{shape}")
+
+    def _report(self, t0: float, nbytes: int, *, elements: int = 0, messages: int = 0, zero_copy: int = 0,
+                **extra) -> ReceiveReport:
+        ms = (time.perf_counter() - t0) * 1e3
+        self._require_llm().reset_prefix_cache()
+        return ReceiveReport(recv_ms=ms, bytes=nbytes, elements=elements, messages=messages, zero_copy=zero_copy,
+                             extra={"route": self.route, "transport": self.transport, **extra})
