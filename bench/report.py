@@ -46,7 +46,7 @@ python bench/report.py bench/results/h100x2.json bench/results/cpu.json --out do
 - `--iters N` measured syncs per variant after the first and `--warmup` (2) more; steady = their
   median. `--densities`, `--encodings` (reference engine; the vLLM engine gets `auto`),
   `--bucket-mb` (wsync dense bucket, 256 = the service default), `--gpu-util` (vLLM, 0.4), `--gpus 0,1`.
-- `--fake-vllm`: a CPU test double of the vLLM engine and vLLM's trainer helpers (bench/fake_vllm.py)
+- `--fake-vllm`: a CPU test double of the vLLM engine and vLLM's trainer helpers (tests/fakes/fake_vllm.py)
   that runs the vLLM phase's flow and the real `WsyncWorkerExtension` direct methods over gloo; its
   numbers mean nothing (the unit tests use it).
 - Outputs: the JSON (`--out`), a PNG beside it (`bench/plot.py` redraws it), a table on stdout.

@@ -10,15 +10,18 @@ fingerprints with what the worker reports for its runtime parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from wsync.engines.contract import DenseUpdate, SparseUpdate
 from wsync.transfer.dense import send_dense
 from wsync.transfer.group import Rendezvous, open_group
-from wsync.transfer.meta import dtype_name
+from wsync.transfer.meta import TensorMeta, dtype_name
+from wsync.transfer.sparse import SparseMeta
 
 from .core import Ctx, dense_variant, init_sender, sparse_variant, summary
 from .proto import CheckError, Clock, PeerError, check_equal, fingerprints, mutate
@@ -28,12 +31,12 @@ from .shapes import (
 
 
 def _va(ctx: Ctx):
-    """vLLM's trainer-side helpers: wsync's adapter, or the CPU test double (--fake-vllm)."""
+    """vLLM's trainer-side helpers: wsync.engines.vllm, or the CPU test double (--fake-vllm)."""
     if ctx.cfg.get("fake_vllm"):
-        from . import fake_vllm
+        from tests.fakes import fake_vllm
 
         return fake_vllm
-    from wsync.engines import vllm_adapter as va
+    from wsync.engines import vllm as va
 
     return va
 
@@ -122,7 +125,7 @@ def native_sparse_step(ctx: Ctx, density: float) -> dict:
     diff_ms = clock.stop()
     rpatches = runtime_patches(patches, layout, shapes)
     metas = [{"name": p.name, "dtype": dtype_name(p.values.dtype), "shape": shapes[p.name], "count": p.count,
-              "encoding": "flat_int32"} for p in rpatches]
+              "encoding": "flat_int32", "nbytes": p.count * (4 + p.values.element_size())} for p in rpatches]
     ctx.start("vllm_native_sparse")
     ctx.group.barrier()
     e2e = Clock(ctx.device).start()
@@ -192,7 +195,7 @@ VLLM_SENDER_SECTIONS = {"setup_vllm": setup_vllm, "wsync_vllm_dense": wsync_vllm
 
 # ---- receiver handlers --------------------------------------------------------------------------
 def rx_vllm_start(rx: Ctx, gpu_util: float) -> dict:
-    from wsync.actors.vllm_engine import VLLMEngineCore
+    from wsync.engines.vllm.engine import VLLMEngineCore
 
     shape = get_shape(rx.cfg["shape"])
     t0 = time.perf_counter()
@@ -201,14 +204,14 @@ def rx_vllm_start(rx: Ctx, gpu_util: float) -> dict:
         torch.cuda.empty_cache()  # the generated weights' blocks: vLLM sizes itself from free memory
     t1 = time.perf_counter()
     if rx.cfg.get("fake_vllm"):
-        from .fake_vllm import FakeEngine
+        from tests.fakes.fake_vllm import FakeEngine
 
         engine = FakeEngine(shape)
     else:
         # native: the bench drives the direct path's worker methods itself, on its own groups
         engine = VLLMEngineCore(str(folder), "cuda", {"gpu_memory_utilization": float(gpu_util), "sync_route": "native"})
     rx.extra["engine"] = engine
-    return {"folder_s": t1 - t0, "start_s": time.perf_counter() - t1, "ready": engine.ready()}
+    return {"folder_s": t1 - t0, "start_s": time.perf_counter() - t1, "ready": dataclasses.asdict(engine.ready())}
 
 
 def rx_vllm_groups(rx: Ctx, ctrl: dict, data: dict, vport: int, hf_metas: list) -> dict:
@@ -217,9 +220,9 @@ def rx_vllm_groups(rx: Ctx, ctrl: dict, data: dict, vport: int, hf_metas: list) 
     rx.ready()
     rx.group = open_group(Rendezvous.from_dict(ctrl), 1, rx.device, rx.cfg["group_timeout_s"])
     rx.group.barrier()
-    engine.join_group({"host": "127.0.0.1", "port": vport, "world_size": 2, "backend": "nccl"}, 1)
+    engine.join_group({"host": "127.0.0.1", "port": vport, "world_size": 2, "backend": "nccl"}, 1, "vllm_native")
     engine.llm.collective_rpc("wsync_open_sync_group", args=(data, 1, float(rx.cfg["group_timeout_s"])))
-    return {"runtime_metas": engine.param_metas()}
+    return {"runtime_metas": [m.to_dict() for m in engine.param_metas()]}
 
 
 def rx_vllm_build_map(rx: Ctx, bucket: int) -> dict:
@@ -235,6 +238,7 @@ def _timed_engine_step(rx: Ctx, fn) -> dict:
     rx.group.barrier()
     clock = Clock(rx.device).start()
     parts = fn(engine) or {}
+    parts = dataclasses.asdict(parts) if dataclasses.is_dataclass(parts) else parts
     recv_ms = clock.stop()
     rx.group.barrier()
     return {**{f"rx_{k}": v for k, v in parts.items() if isinstance(v, (int, float))},
@@ -251,7 +255,8 @@ def rx_vllm_wsync_dense(rx: Ctx) -> dict:
 
 
 def rx_vllm_native_dense(rx: Ctx, packed: bool) -> dict:
-    return _timed_engine_step(rx, lambda engine: engine.recv_dense({"metas": rx.extra["hf_metas"], "packed": packed}))
+    update = DenseUpdate([TensorMeta.from_dict(m) for m in rx.extra["hf_metas"]], int(rx.cfg["bucket_bytes"]), packed)
+    return _timed_engine_step(rx, lambda engine: engine.recv_dense(update))
 
 
 def _metas_from_sender(rx: Ctx) -> list:
@@ -261,7 +266,10 @@ def _metas_from_sender(rx: Ctx) -> list:
 
 
 def rx_vllm_native_sparse(rx: Ctx) -> dict:
-    return _timed_engine_step(rx, lambda engine: engine.recv_sparse({"metas": _metas_from_sender(rx)}))
+    def fn(engine):
+        return engine.recv_sparse(SparseUpdate([SparseMeta.from_dict(m) for m in _metas_from_sender(rx)]))
+
+    return _timed_engine_step(rx, fn)
 
 
 def rx_vllm_wsync_sparse(rx: Ctx) -> dict:

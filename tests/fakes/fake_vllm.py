@@ -1,5 +1,5 @@
-"""A CPU test double for the vLLM phase (`--fake-vllm`): its numbers mean nothing, its point is to run
-the bench's vLLM flow and the REAL WsyncWorkerExtension methods (wsync_build_param_map,
+"""A CPU test double of vLLM for fast tests and the bench's `--fake-vllm` flow: its numbers mean nothing,
+its point is to run the REAL WsyncWorkerExtension methods (wsync_build_param_map,
 wsync_recv_dense_direct, wsync_recv_sparse_direct, wsync_recv_dense/sparse, wsync_fingerprint) where
 no GPU is. The model mimics vLLM's Qwen2 runtime layout (QKV / gate-up modules with output_sizes, a
 padded-or-not VocabParallelEmbedding stand-in, tied lm_head absent from named_parameters); "vLLM's own
@@ -14,10 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsync.engines import vllm_adapter as va
+from wsync.engines.contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
+from wsync.engines.vllm.payloads import dense_update_info, sparse_update_info
+from wsync.engines.vllm.worker import WsyncWorkerExtension
 from wsync.transfer.group import Rendezvous, SyncGroup, open_group
+from wsync.transfer.meta import TensorMeta
 
-from .shapes import FUSED, Shape
+# HF checkpoint name -> (fused runtime module, shard); written here, independent of the extension's map
+FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+Shape = Any  # duck-typed: hidden, heads, head_dim, kv_heads, intermediate, vocab, layers, tied (bench.shapes.Shape)
 
 
 class _Linear(nn.Module):
@@ -89,7 +95,7 @@ class _Comm:
         self.group.broadcast(tensor, src)
 
 
-class FakeWorker(va.WsyncWorkerExtension):
+class FakeWorker(WsyncWorkerExtension):
     def __init__(self, s: Shape) -> None:
         self.device = torch.device("cpu")
         self.model_runner = types.SimpleNamespace(model=Qwen2ForCausalLM(s))
@@ -111,36 +117,39 @@ class FakeLLM:
 
 
 class FakeEngine:
-    """The VLLMEngineCore surface the bench uses."""
+    """The VLLMEngineCore surface the bench uses (engine contract types), on vLLM's wire through the
+    extension's wsync_recv_dense / wsync_recv_sparse over a gloo group."""
+
+    kind = "fake-vllm"
 
     def __init__(self, s: Shape) -> None:
         self.llm = FakeLLM(s)
         self.group: SyncGroup | None = None
 
-    def ready(self) -> dict:
-        return {"kind": "fake-vllm"}
+    def ready(self) -> EngineDetails:
+        return EngineDetails(kind=self.kind, model="fake", device="cpu", num_tensors=len(self.param_metas()),
+                             transports=["vllm_native"])
 
-    def join_group(self, rendezvous: dict, rank: int) -> None:
+    def join_group(self, rendezvous: dict, rank: int, transport: str = "vllm_native") -> None:
         rdv = Rendezvous(rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), "gloo", "fake-vllm")
         self.group = open_group(rdv, rank, "cpu")
         self.llm.worker._wsync_comm = _Comm(self.group)
 
-    def param_metas(self) -> list[dict]:
-        return self.llm.collective_rpc("wsync_param_metas")[0]
+    def param_metas(self) -> list[TensorMeta]:
+        return [TensorMeta.from_dict(m) for m in self.llm.collective_rpc("wsync_param_metas")[0]]
 
     def fingerprint(self, names: list[str] | None = None) -> dict:
         return self.llm.collective_rpc("wsync_fingerprint", args=(names,))[0]
 
-    def recv_dense(self, update: dict) -> dict:
-        self.llm.collective_rpc("wsync_recv_dense", kwargs=va.dense_update_info(update["metas"], False, None))
-        return {}
+    def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
+        ms = self.llm.collective_rpc("wsync_recv_dense", kwargs=dense_update_info(update.metas))[0]
+        return ReceiveReport(recv_ms=ms)
 
-    def recv_sparse(self, update: dict) -> dict:
-        if update["metas"]:
-            info = va.sparse_update_info(update["metas"], None)
-            info.pop("update_kind")
-            self.llm.collective_rpc("wsync_recv_sparse", kwargs=info)
-        return {}
+    def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
+        ms = 0.0
+        if update.metas:
+            ms = self.llm.collective_rpc("wsync_recv_sparse", kwargs=sparse_update_info(update.metas))[0]
+        return ReceiveReport(recv_ms=ms)
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -148,7 +157,7 @@ class FakeEngine:
             self.group = None
 
 
-# ---- the trainer-side helpers, same names as vllm_adapter's ------------------------------------------
+# ---- the trainer-side helpers, same names as wsync.engines.vllm.trainer's ------------------------------------------
 @dataclass
 class FakeApi:
     version: str = "fake"
