@@ -7,6 +7,7 @@ paths" are the extension's unpacked wire over a gloo group (same bytes as vLLM's
 
 from __future__ import annotations
 
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,3 +197,25 @@ def trainer_send_sparse(api: FakeApi, comm: _Comm, patches) -> float:
 def trainer_close_group(comm: _Comm | None) -> None:
     if comm is not None:
         comm.group.close()
+
+
+# ---- two ranks in one process -------------------------------------------------------------------
+def run_pair(rank0, rank1):
+    """rank0() in a thread, rank1() here; both results; re-raises either side's exception."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["r0"] = rank0()
+        except BaseException as exc:  # noqa: BLE001
+            box["e0"] = exc
+
+    th = threading.Thread(target=target)
+    th.start()
+    try:
+        r1 = rank1()
+    finally:
+        th.join(60)
+    if "e0" in box:
+        raise box["e0"]
+    return box.get("r0"), r1

@@ -4,22 +4,17 @@ with the CPU test double, the report, and the pieces the bench relies on. No tim
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from bench import report, sync_bench  # noqa: E402
-from bench.proto import build_sparse, check_equal, CheckError, mutate, send_sparse_wire  # noqa: E402
-from bench.shapes import (  # noqa: E402
+from bench import report, sync_bench
+from bench.proto import build_sparse, check_equal, CheckError, mutate, send_sparse_wire
+from bench.shapes import (
     SHAPES, fused_tensors, hf_metas, make_weights, runtime_layout, runtime_patches, runtime_shapes,
 )
-from wsync.transfer.delta import diff_patches  # noqa: E402
-from wsync.transfer.sparse import apply_patch, send_sparse  # noqa: E402
+from wsync.transfer.delta import diff_patches
+from wsync.transfer.sparse import apply_patch, send_sparse
 
 ISSUE_KEYS = ("nccl_broadcast_ms", "vllm_dense_ms", "vllm_dense_first_ms", "wsync_dense_ms", "wsync_dense_first_ms",
               "wsync_dense_send_ms", "wsync_ref_dense_ms", "vllm_sparse_ms", "wsync_sparse_ms",

@@ -235,3 +235,4 @@ class DirectReceiveMixin:
     def wsync_recv_sparse_direct(self, metas: list) -> dict:
         """A whole sparse sync into the runtime slices: wsync_post_sparse_direct + wsync_finish_sparse_direct."""
         posted = self.wsync_post_sparse_direct(metas)
+        return {**posted, **self.wsync_finish_sparse_direct()}

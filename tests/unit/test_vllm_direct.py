@@ -1,26 +1,20 @@
 """WsyncWorkerExtension's direct path (wsync_build_param_map / wsync_recv_dense_direct /
-wsync_recv_sparse_direct) on CPU: a vLLM-shaped fake Qwen2 runtime model (bench/fake_vllm.py), a real
+wsync_recv_sparse_direct) on CPU: a vLLM-shaped fake Qwen2 runtime model (tests/fakes/fake_vllm.py), a real
 2-rank gloo SyncGroup (two threads), wsync's own send_dense / send_sparse on the other end."""
 
 from __future__ import annotations
 
-import sys
-import threading
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.fake_vllm import FakeWorker, _Embedding  # noqa: E402
-from bench.shapes import SHAPES, Shape, fused_tensors, hf_metas, make_weights, runtime_layout  # noqa: E402
-from wsync.engines.vllm_adapter import VLLMUnsupportedError  # noqa: E402
-from wsync.transfer.delta import diff_patches  # noqa: E402
-from wsync.transfer.dense import send_dense  # noqa: E402
-from wsync.transfer.encodings import SparseMeta, SparsePatch  # noqa: E402
-from wsync.transfer.group import Rendezvous, free_port, open_group  # noqa: E402
-from wsync.transfer.sparse import plan_sparse, send_sparse  # noqa: E402
+from bench.shapes import SHAPES, Shape, fused_tensors, hf_metas, make_weights, runtime_layout
+from tests.fakes.fake_vllm import FakeWorker, _Embedding, run_pair
+from wsync.engines.vllm.detect import VLLMUnsupportedError
+from wsync.transfer.delta import diff_patches
+from wsync.transfer.dense import send_dense
+from wsync.transfer.encodings import SparseMeta, SparsePatch
+from wsync.transfer.group import Rendezvous, free_port, open_group
+from wsync.transfer.sparse import plan_sparse, send_sparse
 
 TINY = SHAPES["tiny"]
 SMALL = Shape("small", 64, 2, 4, 2, 96, 200, True)  # vocab 200: padded to 256 rows in the fake
@@ -30,27 +24,6 @@ BUCKET = 8192  # many buckets, double buffering, big tensors alone
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def run_pair(rank0, rank1):
-    """rank0() in a thread, rank1() here; both results; re-raises either side's exception."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["r0"] = rank0()
-        except BaseException as exc:  # noqa: BLE001
-            box["e0"] = exc
-
-    th = threading.Thread(target=target)
-    th.start()
-    try:
-        r1 = rank1()
-    finally:
-        th.join(60)
-    if "e0" in box:
-        raise box["e0"]
-    return box.get("r0"), r1
 
 
 def connect(worker: FakeWorker):

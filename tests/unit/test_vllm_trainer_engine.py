@@ -1,4 +1,4 @@
-"""Trainer helpers, the worker extension and VLLMEngineCore on CPU, with fake vLLM modules, a loopback
+"""wsync.engines.vllm on CPU: trainer helpers, the worker extension and VLLMEngineCore, with fake vLLM modules, a loopback
 "NCCL" communicator and a fake vllm.LLM that records the call sequence."""
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from wsync.actors import vllm_engine as ve
-from wsync.engines import vllm_adapter as va
-
-from .test_vllm_adapter import PatchA, PatchD, api_of, make_importer, ns
+from tests.fakes.vllm_modules import PatchA, PatchD, api_of, make_importer, ns
+from wsync.engines.contract import DenseUpdate, EngineCore, EngineDetails, SparseUpdate
+from wsync.engines.vllm import detect, engine as ve, trainer as vt
+from wsync.engines.vllm.detect import M_BASE, M_COMMON, M_FACTORY, M_NCCL, M_SPARSE, VLLMUnsupportedError
+from wsync.engines.vllm.payloads import dense_update_info, sparse_update_info
+from wsync.engines.vllm.worker import WsyncWorkerExtension
+from wsync.transfer.meta import TensorMeta, dtype_name
+from wsync.transfer.sparse import SparseMeta
 
 
 # ---- a loopback wire: rank 0 records broadcasts, the receiver replays them in order --------------
@@ -69,7 +73,7 @@ def hf_params(seed: int = 1) -> list[tuple[str, torch.Tensor]]:
             ("v_proj", torch.randn(4, 4, generator=g).to(torch.bfloat16)), ("norm", torch.randn(4, generator=g))]
 
 
-class FakeWorker(va.WsyncWorkerExtension):
+class FakeWorker(WsyncWorkerExtension):
     def __init__(self, wire):
         self.device = torch.device("cpu")
         self.model_runner = types.SimpleNamespace(model=TinyVLLMModel())
@@ -78,41 +82,39 @@ class FakeWorker(va.WsyncWorkerExtension):
 
 
 def metas_of(named):
-    return [{"name": n, "dtype": va.dtype_str(t.dtype), "shape": list(t.shape)} for n, t in named]
+    return [{"name": n, "dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in named]
 
 
 # ---- extension route: our trainer bytes == what our worker extension receives -------------------
 def test_extension_dense_roundtrip_into_sparse_nccl_engine():
     api, wire = api_of("C", "0.28.0"), Wire()
-    group = va.TrainerGroup(api, comm=SendComm(wire), routes=va.routes(api))
+    group = vt.TrainerGroup(api, comm=SendComm(wire), routes=detect.receive_plan(api))
     assert group.routes["dense"] == "extension"
     params = hf_params()
-    va.trainer_send_dense(api, group, params)
+    vt.trainer_send_dense(api, group, params)
     assert [t.dtype for t in wire.sent] == [t.dtype for _, t in params]
     worker = FakeWorker(wire)
-    worker.wsync_recv_dense(**va.dense_update_info(metas_of(params), False, None))
+    worker.wsync_recv_dense(**dense_update_info(metas_of(params)))
     m = worker.model_runner.model
     assert torch.equal(m.embed, params[0][1]) and torch.equal(m.norm, params[4][1])
     assert torch.equal(m.qkv_proj, torch.cat([params[1][1], params[2][1], params[3][1]]))
-    with pytest.raises(va.VLLMUnsupportedError, match="packed"):
-        va.trainer_send_dense(api, group, params, packed=True)
+    with pytest.raises(VLLMUnsupportedError, match="packed"):
+        vt.trainer_send_dense(api, group, params, packed=True)
 
 
 def test_extension_sparse_roundtrip_wire_order_and_apply():
-    api, wire = api_of("dense_only", "0.22.1"), Wire()
-    group = va.TrainerGroup(api, comm=SendComm(wire), routes=va.routes(api))
+    api, wire = api_of("A", "0.24.0"), Wire()
+    group = vt.TrainerGroup(api, comm=SendComm(wire), routes=detect.receive_plan(api, extension_only=True))
     assert group.routes["sparse"] == "extension"
     patches = [PatchA("embed", torch.tensor([0, 5, 39]), torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)),
                PatchA("qkv_proj", torch.tensor([47], dtype=torch.int32), torch.tensor([9.0], dtype=torch.bfloat16))]
-    va.trainer_send_sparse(api, group, patches)
+    vt.trainer_send_sparse(api, group, patches)
     assert [t.dtype for t in wire.sent] == [torch.int32, torch.bfloat16, torch.int32, torch.bfloat16]
     worker = FakeWorker(wire)
     before = {n: p.detach().clone() for n, p in worker.model_runner.model.named_parameters()}
     metas = [{"name": p.name, "dtype": "bfloat16", "shape": list(before[p.name].shape), "count": len(p.indices)}
              for p in patches]
-    info = va.sparse_update_info(metas, None)
-    info.pop("update_kind")
-    worker.wsync_recv_sparse(**info)
+    worker.wsync_recv_sparse(**sparse_update_info(metas))
     m = worker.model_runner.model
     expect = before["embed"].view(-1).clone()
     expect[[0, 5, 39]] = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
@@ -121,11 +123,11 @@ def test_extension_sparse_roundtrip_wire_order_and_apply():
 
 
 def test_extension_sparse_bad_name_consumes_wire_and_changes_nothing():
-    api, wire = api_of("legacy"), Wire()
-    group = va.TrainerGroup(api, comm=SendComm(wire), routes=va.routes(api))
+    api, wire = api_of("D"), Wire()  # C/D without the stateful trainer engine: vLLM's wire order by hand
+    group = vt.TrainerGroup(api, comm=SendComm(wire), routes=detect.receive_plan(api))
     patches = [PatchA("embed", torch.tensor([1], dtype=torch.int32), torch.tensor([7.0], dtype=torch.bfloat16)),
                PatchA("q_proj", torch.tensor([1], dtype=torch.int32), torch.tensor([7.0], dtype=torch.bfloat16))]
-    va.trainer_send_sparse(api, group, patches)
+    vt.trainer_send_sparse(api, group, patches)
     worker = FakeWorker(wire)
     before = worker.model_runner.model.embed.detach().clone()
     with pytest.raises(ValueError, match="qkv_proj"):
@@ -134,7 +136,7 @@ def test_extension_sparse_bad_name_consumes_wire_and_changes_nothing():
     assert torch.equal(worker.model_runner.model.embed, before)
 
 
-def test_extension_metas_fingerprint_and_init_group(monkeypatch):
+def test_extension_metas_fingerprint_and_close_group():
     worker = FakeWorker(Wire())
     metas = worker.wsync_param_metas()
     assert [m["name"] for m in metas] == ["embed", "qkv_proj", "norm"] and metas[0]["dtype"] == "bfloat16"
@@ -142,22 +144,11 @@ def test_extension_metas_fingerprint_and_init_group(monkeypatch):
     assert list(fp) == ["embed"]
     full = worker.wsync_fingerprint(None)
     assert set(full) == {"embed", "qkv_proj", "norm"} and fp["embed"] == full["embed"]
-    seen = {}
-
-    class PG:
-        @staticmethod
-        def create(**kw):
-            seen.update(kw)
-            return "pg"
-
-    modules = {"vllm.distributed.utils": ns("u", StatelessProcessGroup=PG),
-               "vllm.distributed.device_communicators.pynccl": ns("p", PyNcclCommunicator=lambda pg, device: ("comm", pg, device))}
-    monkeypatch.setattr(va, "_vllm", make_importer(modules))
-    worker.wsync_init_group("10.0.0.2", 29511, 3, 2)
-    assert seen == {"host": "10.0.0.2", "port": 29511, "rank": 2, "world_size": 3}
-    assert worker._wsync_comm == ("comm", "pg", torch.device("cpu"))
+    closed = []
+    worker._wsync_comm = SendComm(Wire())
+    worker.weight_transfer_engine.shutdown = lambda: closed.append(True)
     worker.wsync_close_group()
-    assert worker._wsync_comm is None
+    assert worker._wsync_comm is None and closed == [True]
 
 
 # ---- native trainer paths call vLLM's own helpers -----------------------------------------------
@@ -184,28 +175,28 @@ def fake_gen_a(calls):
         def trainer_send_sparse_weights(iterator, args):
             calls.append(("send_sparse", list(iterator), args))
 
-    return {va.M_NCCL: ns("n", NCCLWeightTransferEngine=Engine, NCCLTrainerSendWeightsArgs=SendArgs),
-            va.M_BASE: ns("b", SparseWeightPatch=PatchA)}
+    return {M_NCCL: ns("n", NCCLWeightTransferEngine=Engine, NCCLTrainerSendWeightsArgs=SendArgs),
+            M_BASE: ns("b", SparseWeightPatch=PatchA)}
 
 
 def test_gen_a_trainer_uses_vllm_static_helpers(monkeypatch):
     calls = []
-    monkeypatch.setattr(va, "_vllm", make_importer(fake_gen_a(calls)))
+    monkeypatch.setattr(vt, "_vllm", make_importer(fake_gen_a(calls)))
     api = api_of("A", "0.24.0")
-    g = va.trainer_open_group(api, "10.0.0.1", "29500", 2)
+    g = vt.trainer_open_group(api, "10.0.0.1", "29500", 2)
     assert calls.pop() == ("trainer_init", {"master_address": "10.0.0.1", "master_port": 29500, "world_size": 2})
     assert g.comm == "comm" and g.routes == {"dense": "native", "sparse": "native"}
-    assert va.trainer_send_dense(api, g, hf_params(), packed=True, packed_buffer_size_bytes=4096) >= 0
+    assert vt.trainer_send_dense(api, g, hf_params(), packed=True, packed_buffer_size_bytes=4096) >= 0
     _, names, args = calls.pop()
     assert names == ["embed", "q_proj", "k_proj", "v_proj", "norm"]
     assert args == SendArgs(group="comm", packed=True, packed_buffer_size_bytes=4096)
     p = types.SimpleNamespace(name="embed", indices=torch.tensor([1, 2], dtype=torch.int32),
                               values=torch.ones(2, dtype=torch.bfloat16))
-    va.trainer_send_sparse(api, g, [p])
+    vt.trainer_send_sparse(api, g, [p])
     _, sent, args = calls.pop()
     assert sent == [PatchA("embed", p.indices, p.values)] and args == SendArgs(group="comm")
-    assert va.trainer_send_sparse(api, g, []) == 0.0 and not calls
-    va.trainer_close_group(g)
+    assert vt.trainer_send_sparse(api, g, []) == 0.0 and not calls
+    vt.trainer_close_group(g)
     assert g.comm is None
 
 
@@ -240,28 +231,28 @@ def test_gen_b_and_d_trainer_paths(monkeypatch):
         rank: int
 
     modules = fake_gen_a(calls)
-    modules[va.M_COMMON] = ns("c", NCCLTrainerSendWeightsArgs=SendArgs)
-    modules[va.M_SPARSE] = ns("s", SparseWeightPatch=PatchA, SparseNCCLWeightTransferEngine=SparseEngineB)
-    monkeypatch.setattr(va, "_vllm", make_importer(modules))
+    modules[M_COMMON] = ns("c", NCCLTrainerSendWeightsArgs=SendArgs)
+    modules[M_SPARSE] = ns("s", SparseWeightPatch=PatchA, SparseNCCLWeightTransferEngine=SparseEngineB)
+    monkeypatch.setattr(vt, "_vllm", make_importer(modules))
     b = api_of("B", "0.25.0")
-    g = va.trainer_open_group(b, "h", 1, 2)
+    g = vt.trainer_open_group(b, "h", 1, 2)
     p = types.SimpleNamespace(name="embed", indices=torch.tensor([3], dtype=torch.int32), values=torch.ones(1))
-    va.trainer_send_sparse(b, g, [p])
+    vt.trainer_send_sparse(b, g, [p])
     assert calls[-1] == ("b_send", [PatchA("embed", p.indices, p.values)], SendArgs(group="comm"))
 
-    modules[va.M_SPARSE] = ns("s", SparseWeightPatch=PatchD, SparseNCCLTrainerInitInfo=InitInfoD)
-    modules[va.M_FACTORY] = ns("f", WeightTransferTrainerFactory=Factory)
+    modules[M_SPARSE] = ns("s", SparseWeightPatch=PatchD, SparseNCCLTrainerInitInfo=InitInfoD)
+    modules[M_FACTORY] = ns("f", WeightTransferTrainerFactory=Factory)
     d = api_of("D", "0.29.0")
-    g = va.trainer_open_group(d, "h", 1, 2)
+    g = vt.trainer_open_group(d, "h", 1, 2)
     _, info, client = calls[-1]
     assert info == InitInfoD(master_address="h", master_port=1, world_size=2, rank=0)
     client.init_weight_transfer_engine({"init_info": {}})  # detached: the lead drives the engine side
     assert g.comm is StatefulD.communicator
-    va.trainer_send_sparse(d, g, [p], shapes={"embed": [10, 4]})
+    vt.trainer_send_sparse(d, g, [p], shapes={"embed": [10, 4]})
     assert calls[-1] == ("d_send", [PatchD("embed", p.indices, p.values, (10, 4))])
     with pytest.raises(ValueError, match="full_shape"):
-        va.trainer_send_sparse(d, g, [p])
-    va.trainer_close_group(g)
+        vt.trainer_send_sparse(d, g, [p])
+    vt.trainer_close_group(g)
     assert calls[-1] == ("d_shutdown",)
 
 
@@ -294,46 +285,48 @@ def engine_factory(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     modules = {"vllm": ns("vllm", SamplingParams=lambda **k: ("sp", k)),
                "vllm.config": ns("c", WeightTransferConfig=lambda backend: ("wtc", backend))}
-    monkeypatch.setattr(va, "_vllm", make_importer(modules))
-    monkeypatch.setattr(va, "create_llm", lambda model, **kw: FakeLLM(model, **kw))
-
-    real_detect = va.detect_generation
+    monkeypatch.setattr(ve, "_vllm", make_importer(modules))
+    monkeypatch.setattr("wsync.engines.vllm.payloads._vllm", make_importer(modules))
+    monkeypatch.setattr(ve, "create_llm", lambda model, **kw: FakeLLM(model, **kw))
 
     def make(gen, version="0.24.0", **options):
-        monkeypatch.setattr(va, "detect_generation", real_detect)
         api = api_of(gen, version)
-        monkeypatch.setattr(va, "detect_generation", lambda: api)
+        monkeypatch.setattr(ve, "detect_generation", lambda: api)
         return ve.VLLMEngineCore("/models/tiny", "cuda", options or None)
 
     return make
 
 
 RDV = {"host": "10.0.0.1", "port": 29500, "world_size": 2, "backend": "nccl", "name": "s1"}
-DENSE = {"metas": FakeLLM.runtime[:1], "packed": False}
-SPARSE = {"metas": [dict(FakeLLM.runtime[0], count=8)]}
+DENSE = DenseUpdate([TensorMeta.from_dict(FakeLLM.runtime[0])], bucket_bytes=1 << 20)
+SPARSE = SparseUpdate([SparseMeta(**FakeLLM.runtime[0], count=8, encoding="flat_int32", nbytes=48)])
 
 
 def test_engine_gen_a_sequences(engine_factory):
     import os
 
     eng = engine_factory("A", gpu_memory_utilization=0.4, max_model_len=256)
+    assert isinstance(eng, EngineCore)
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     llm = eng.llm
     assert llm.kw["weight_transfer_config"] == ("wtc", "nccl") and llm.kw["distributed_executor_backend"] == "uni"
     assert llm.kw["gpu_memory_utilization"] == 0.4 and llm.kw["max_model_len"] == 256 and llm.kw["enforce_eager"]
-    assert eng.ready() == {"kind": "vllm", "model": "/models/tiny", "device": "cuda", "vllm_version": "0.24.0",
-                           "generation": "A", "weight_transfer_backend": "nccl",
-                           "routes": {"dense": "native", "sparse": "native"}, "sync_route": "native",
-                           "sync_protocol": "vllm"}
+    assert eng.ready() == EngineDetails(
+        kind="vllm", model="/models/tiny", device="cuda", num_tensors=2, transports=["vllm_native"], gpu_uuid=None,
+        extra={"vllm_version": "0.24.0", "generation": "A", "weight_transfer_backend": "nccl", "route": "native",
+               "receive": {"dense": "native", "sparse": "native"}})
     assert eng.generate(["hi", "yo"], 2) == [{"token_ids": [7], "text": "x"}] * 2
     assert llm.calls[-1] == ("generate", ("sp", {"temperature": 0.0, "max_tokens": 2}))
     eng.pause()
     with pytest.raises(ve.VLLMEngineError, match="paused"):
         eng.generate(["hi"])
-    eng.join_group(RDV, 1)
+    eng.join_group(RDV, 1, "vllm_native")
+    eng.prepare_sync(DENSE)  # a no-op on the native route
     out = eng.recv_dense(DENSE)
-    assert out["recv_ms"] >= 0 and out["bytes"] == 80
-    eng.recv_sparse(SPARSE)
+    assert out.recv_ms >= 0 and out.bytes == 80 and out.extra == {"route": "native", "transport": "vllm_native",
+                                                                  "receive": "native"}
+    got = eng.recv_sparse(SPARSE)
+    assert got.bytes == 8 * (4 + 2) and got.elements == 8
     eng.resume()
     seq = [c for c in llm.calls if c[0] != "collective_rpc" or c[1] != "wsync_param_metas"]
     assert seq[-11:] == [
@@ -353,7 +346,7 @@ def test_engine_gen_a_sequences(engine_factory):
         ("reset_prefix_cache", (), {}),
         ("wake_up", (), {"tags": ["scheduling"]}),
     ]
-    assert eng.param_metas() == FakeLLM.runtime and eng.fingerprint(["a"]) == {"a": "1"}
+    assert [m.to_dict() for m in eng.param_metas()] == FakeLLM.runtime and eng.fingerprint(["a"]) == {"a": "1"}
     eng.shutdown()
     assert ("collective_rpc", "wsync_close_group", (), None) in llm.calls and eng.llm is None
     with pytest.raises(ve.VLLMEngineError, match="shut down"):
@@ -364,13 +357,14 @@ def test_engine_gen_d_routes_dense_through_extension(engine_factory):
     eng = engine_factory("D", "0.30.0")
     llm = eng.llm
     assert llm.kw["weight_transfer_config"] == ("wtc", "sparse_nccl")
-    eng.join_group(RDV, 2)
-    eng.recv_dense(DENSE)
+    assert eng.ready().extra["receive"] == {"dense": "extension", "sparse": "native"}
+    eng.join_group(RDV, 2, "vllm_native")
+    assert eng.recv_dense(DENSE).extra["receive"] == "extension"
     eng.recv_sparse(SPARSE)
-    eng.recv_sparse({"metas": []})  # empty patch set: nothing moves
+    eng.recv_sparse(SparseUpdate([]))  # empty patch set: nothing moves
     assert llm.calls[-7:] == [
         ("collective_rpc", "wsync_recv_dense", (), {"names": ["model.embed_tokens.weight"],
-                                                    "dtype_names": ["bfloat16"], "shapes": [[10, 4]], "packed": False}),
+                                                    "dtype_names": ["bfloat16"], "shapes": [[10, 4]]}),
         ("reset_prefix_cache", (), {}),
         ("start_weight_update", (), {}),
         ("update_weights", ({"update_info": {"names": ["model.embed_tokens.weight"], "dtype_names": ["bfloat16"],
@@ -381,25 +375,36 @@ def test_engine_gen_d_routes_dense_through_extension(engine_factory):
     ]
     init = next(c for c in llm.calls if c[0] == "init_weight_transfer_engine")
     assert init[1][0]["init_info"]["rank_offset"] == 2
-    with pytest.raises(va.VLLMUnsupportedError, match="0.30.0"):
-        eng.recv_dense({"metas": DENSE["metas"], "packed": True})
+    with pytest.raises(VLLMUnsupportedError, match="0.30.0.*packed"):
+        eng.recv_dense(DenseUpdate(DENSE.metas, 1 << 20, packed=True))
+
+
+def test_engine_extension_only_receives_both_modes_through_the_worker(engine_factory):
+    eng = engine_factory("A", native_via_extension=True)
+    eng.join_group(RDV, 1, "vllm_native")
+    eng.recv_dense(DENSE)
+    eng.recv_sparse(SPARSE)
+    rpcs = [c[1] for c in eng.llm.calls if c[0] == "collective_rpc" and c[1] != "wsync_param_metas"]
+    assert rpcs[-2:] == ["wsync_recv_dense", "wsync_recv_sparse"]
+    assert not any(c[0] in ("start_weight_update", "update_weights") for c in eng.llm.calls)
 
 
 def test_engine_refusals(engine_factory):
     eng = engine_factory("B", "0.25.0")
     with pytest.raises(ve.VLLMEngineError, match="not joined"):
         eng.recv_dense(DENSE)
-    with pytest.raises(ve.VLLMEngineError, match="NCCL only"):
-        eng.join_group(dict(RDV, backend="gloo"), 1)
-    eng.join_group(RDV, 1)
-    bad = {"metas": [{"name": "model.layers.0.self_attn.q_proj.weight", "dtype": "bfloat16", "shape": [4, 4],
-                      "count": 1}]}
+    with pytest.raises(ve.VLLMEngineError, match=r"receives on \['vllm_native'\], not 'nccl'"):
+        eng.join_group(RDV, 1, "nccl")
+    with pytest.raises(ve.VLLMEngineError, match="rank 0"):
+        eng.join_group(RDV, 0, "vllm_native")
+    eng.join_group(RDV, 1, "vllm_native")
+    bad = SparseUpdate([SparseMeta("model.layers.0.self_attn.q_proj.weight", "bfloat16", [4, 4], 1, "flat_int32", 6)])
     with pytest.raises(ve.VLLMEngineError, match="qkv_proj"):
         eng.recv_sparse(bad)
     with pytest.raises(ve.VLLMEngineError, match="engine has bfloat16"):
-        eng.recv_sparse({"metas": [dict(FakeLLM.runtime[0], shape=[9, 4], count=1)]})
+        eng.recv_sparse(SparseUpdate([SparseMeta("model.embed_tokens.weight", "bfloat16", [9, 4], 1, "flat_int32", 6)]))
     assert not any(c[0] == "update_weights" for c in eng.llm.calls)
-    legacy = engine_factory("legacy", "0.10.0")
-    assert "weight_transfer_config" not in legacy.llm.kw
-    legacy.join_group(RDV, 1)
-    assert legacy.llm.calls[-1] == ("collective_rpc", "wsync_init_group", ("10.0.0.1", 29500, 2, 1), None)
+    with pytest.raises(ve.VLLMEngineError, match="sync_route"):
+        engine_factory("A", sync_route="fast")
+    with pytest.raises(VLLMUnsupportedError, match=r"vLLM >= 0\.23"):
+        engine_factory("old", "0.22.1")
