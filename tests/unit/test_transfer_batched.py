@@ -655,13 +655,7 @@ def test_gpu_branches_on_cpu_match_reference(monkeypatch) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("encoding", ["auto", "flat_int32", "delta", "delta8", "bitmask"])
 def test_bench_build_sparse_equals_per_patch_encode_loop(encoding: str, device: str) -> None:
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[2])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench.proto import build_sparse
+    from bench.proto import build_sparse  # the repo root is on sys.path under pytest (tests/ is a package)
 
     patches, specs = zoo(14)
     params = {p.name: torch.randn(specs[p.name].shape).to(specs[p.name].torch_dtype) for p in patches}
