@@ -132,7 +132,8 @@ class FakeEngine:
                              transports=["vllm_native"])
 
     def join_group(self, rendezvous: dict, rank: int, transport: str = "vllm_native") -> None:
-        rdv = Rendezvous(rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), "gloo", "fake-vllm")
+        rdv = Rendezvous(rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), "gloo",
+                         "fake-vllm")
         self.group = open_group(rdv, rank, "cpu")
         self.llm.worker._wsync_comm = _Comm(self.group)
 

@@ -1,5 +1,5 @@
-"""wsync.engines.vllm on CPU: trainer helpers, the worker extension and VLLMEngineCore, with fake vLLM modules, a loopback
-"NCCL" communicator and a fake vllm.LLM that records the call sequence."""
+"""wsync.engines.vllm on CPU: trainer helpers, the worker extension and VLLMEngineCore, with fake vLLM
+modules, a loopback "NCCL" communicator and a fake vllm.LLM that records the call sequence."""
 
 from __future__ import annotations
 
