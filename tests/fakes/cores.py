@@ -21,7 +21,7 @@ from .wire import Hub, WireError
 def baseline(model: str) -> dict[str, torch.Tensor]:
     """The 'checkpoint' of a fake model: three small float32 tensors, the same for every reader."""
     gen = torch.Generator().manual_seed(len(model))
-    return {"embed.weight": torch.randn(16, 8, generator=gen), "layer.weight": torch.randn(8, 8, generator=gen),
+    return {"model.embed_tokens.weight": torch.randn(16, 8, generator=gen), "layer.weight": torch.randn(8, 8, generator=gen),
             "norm.weight": torch.ones(8)}
 
 
@@ -122,7 +122,10 @@ class FakeTrainer:
         self.hub.join(rendezvous["name"], 0, rendezvous["world_size"], timeout_s)
         self.groups.add(rendezvous["name"])
 
-    open_vllm_group = open_group
+    def open_vllm_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
+        self.hub.log("trainer", "open_vllm_group", rendezvous["name"])
+        self.hub.join(rendezvous["name"], 0, rendezvous["world_size"], timeout_s)
+        self.groups.add(rendezvous["name"])
 
     def close_group(self, name: str | None = None) -> None:
         self.hub.log("trainer", "close_group", name)
@@ -131,6 +134,7 @@ class FakeTrainer:
             self.hub.close(key)
 
     def sparse_plan(self, patch_id: str, encoding: str) -> list[SparseMeta]:
+        self.hub.log("trainer", "sparse_plan", encoding)
         return [SparseMeta(p.name, "float32", list(self.params[p.name].shape), int(p.indices.numel()), encoding,
                            int(p.indices.numel()) * 8) for p in self.patches[patch_id]]
 
@@ -147,9 +151,11 @@ class FakeTrainer:
         return TransferStats(bytes=payload_bytes(patches), wire_bytes=payload_bytes(patches), ms=0.1, messages=1)
 
     def send_dense_vllm(self, group: str, packed: bool = False) -> TransferStats:
+        self.hub.log("trainer", "send_dense_vllm", group)
         return self.send_dense(group, 0)
 
     def send_sparse_vllm(self, group: str, patch_id: str) -> TransferStats:
+        self.hub.log("trainer", "send_sparse_vllm", group)
         return self.send_sparse(group, patch_id, [])
 
 
@@ -160,7 +166,7 @@ class FakeEngine:
 
     def __init__(self, hub: Hub, model: str, device: str = "cpu", options: dict | None = None):
         self.hub, self.model, self.device = hub, model, device
-        self.transports = list((options or {}).get("transports") or ["gloo"])
+        self.transports = list((options or {}).get("transports") or hub.transports)
         self.params = baseline(model)
         self.group: tuple[str, int] | None = None
         self.paused = False

@@ -32,6 +32,7 @@ class Hub:
         self.calls: list[tuple[str, str, Any]] = []
         self.fail: dict[str, str] = {}
         self.timeouts_seen: list[float] = []
+        self.transports: list[str] = ["gloo"]  # what fake engines list in EngineDetails.transports
         self._guard = threading.Lock()
 
     def log(self, who: str, method: str, arg: Any = None) -> None:

@@ -39,7 +39,7 @@ def test_one_sparse_sync_end_to_end(svc):
     assert done["state"] == "succeeded", done["error"]
     res = done["result"]
     assert res["verified"] is True and res["version"] == patch["id"] and res["tensors"] == 1
-    assert [c[1] for c in hub.calls if c[0] == "trainer"] == ["open_group", "send_sparse"]
+    assert [c[1] for c in hub.calls if c[0] == "trainer"] == ["open_group", "sparse_plan", "send_sparse"]
     for name in {c[0] for c in hub.calls} - {"trainer"}:
         assert [c[1] for c in hub.calls if c[0] == name] == ["join_group", "prepare_sync", "recv"]
     assert hub.timeouts_seen and set(hub.timeouts_seen) == {42.0}
@@ -142,3 +142,34 @@ def test_transport_is_chosen_from_what_the_engine_lists(svc):
     with pytest.raises(NoTransport):
         choose(bad, TrainerSide("cpu"))
     assert choose(bad, TrainerSide("cuda")).name == "vllm_native"
+
+
+def test_vllm_native_transport_on_a_gpu_trainer(tmp_path):
+    """An engine that lists only vllm_native gets the VLLMNative transport: vLLM's trainer-side calls,
+    flat_int32 whatever encoding was asked for; the sync run itself is the same code."""
+    from tests.fakes.wire import Hub
+
+    hub = Hub()
+    hub.transports = ["vllm_native"]
+    with fake_client(tmp_path, hub, device="cuda") as (client, hub):
+        client.post("/v1/trainer/load", json={})
+        eng = client.post("/v1/engines", json={"kind": "reference"}).json()
+        assert eng["details"]["transport"] == "vllm_native"
+        patch = client.post("/v1/patches", json={"kind": "random", "density": 0.01}).json()
+        done = _sync(client, "sparse", {"engine_ids": [eng["id"]], "patch_id": patch["id"], "encoding": "delta"})
+        assert done["state"] == "succeeded" and done["result"]["verified"] is True
+        assert ("trainer", "sparse_plan", "flat_int32") in hub.calls
+        trainer = [c[1] for c in hub.calls if c[0] == "trainer"]
+        assert "open_vllm_group" in trainer and "send_sparse_vllm" in trainer and "open_group" not in trainer
+
+
+def test_comparison_job_on_fakes(svc):
+    client, hub, _ = svc
+    r = client.post("/v1/comparisons", json={"engine_kind": "reference", "rows": 4})
+    assert r.status_code == 202, r.text
+    done = wait_job(client, r.json()["id"])
+    assert done["state"] == "succeeded", done["error"]
+    res = done["result"]
+    assert res["dense"]["verified"] is True and res["sparse"]["verified"] is True
+    assert res["verdicts"]["baseline_equal"] is True
+    assert len(client.get("/v1/engines").json()["items"]) == 2  # its engines were deleted
