@@ -135,7 +135,7 @@ def test_dead_engine_answers_503(client, fleet):
     import ray
 
     eid = client.post("/v1/engines", json={"kind": "reference"}).json()["id"]
-    ray.kill(client.app.state.wsync.fleet.engines[eid].handle)  # the engine process dies under us
+    client.app.state.wsync.fleet.engines[eid].actor.kill()  # the engine process dies under us
     r = client.post(f"/v1/engines/{eid}/generate", json={"prompts": ["Hello"]})
     assert r.status_code == 503 and "gone" in r.json()["error"]["message"]
     assert client.delete(f"/v1/engines/{eid}").json()["state"] == "stopped"

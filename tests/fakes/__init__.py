@@ -1,0 +1,1 @@
+"""In-process doubles for fast tests only (never the product path)."""

@@ -131,7 +131,7 @@ class FakeEngine:
         return EngineDetails(kind=self.kind, model="fake", device="cpu", num_tensors=len(self.param_metas()),
                              transports=["vllm_native"])
 
-    def join_group(self, rendezvous: dict, rank: int, transport: str = "vllm_native") -> None:
+    def join_group(self, rendezvous: dict, rank: int, transport: str = "vllm_native", timeout_s: float = 300.0) -> None:
         rdv = Rendezvous(rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), "gloo",
                          "fake-vllm")
         self.group = open_group(rdv, rank, "cpu")

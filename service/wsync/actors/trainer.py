@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import torch
 
 from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 from wsync.patches import apply_inline, patch_digest, random_patch, reference_patch
+from wsync.schemas import TrainerInfo, TrainerStepResult
 from wsync.transfer.delta import Snapshot
 from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
-from wsync.transfer.meta import TensorMeta, param_metas
+from wsync.transfer.meta import TensorMeta, TransferStats, param_metas
 from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse, send_sparse
 
 
@@ -54,7 +54,7 @@ class TrainerCore:
         self.bucket_bytes = bucket_bytes  # parameters are laid out in the dense wire's buckets (zero copy)
 
     # ---- model --------------------------------------------------------------------------
-    def load(self, model: str, dtype: str = "bfloat16") -> dict:
+    def load(self, model: str, dtype: str = "bfloat16") -> TrainerInfo:
         self.lm, self.tokenizer = load_causal_lm(model, dtype, self.device)
         self.model_name, self.dtype = model, dtype
         self.params = named_params(self.lm)
@@ -64,21 +64,22 @@ class TrainerCore:
         self.optimizer = None
         return self.info()
 
-    def reset(self) -> dict:
+    def reset(self) -> TrainerInfo:
         """Back to the baseline checkpoint (reloaded from disk, as the reference example does)."""
         self._require_model()
         return self.load(self.model_name, self.dtype)
 
-    def info(self, with_params: bool = False) -> dict:
+    def info(self) -> TrainerInfo:
         if self.lm is None:
-            return {"loaded": False}
-        metas = param_metas(self.params.items())
-        out = {"loaded": True, "model": self.model_name, "dtype": self.dtype, "device": str(self.device),
-               "version": self.version, "num_tensors": len(metas),
-               "num_params": sum(m.numel for m in metas), "param_bytes": sum(m.nbytes for m in metas)}
-        if with_params:
-            out["params"] = [m.to_dict() for m in metas]
-        return out
+            return TrainerInfo(loaded=False)
+        metas = self.param_metas()
+        return TrainerInfo(loaded=True, model=self.model_name, dtype=self.dtype, device=str(self.device),
+                           version=self.version, num_tensors=len(metas), num_params=sum(m.numel for m in metas),
+                           param_bytes=sum(m.nbytes for m in metas))
+
+    def param_metas(self) -> list[TensorMeta]:
+        """Every parameter in the dense wire's order (what a DenseUpdate carries)."""
+        return param_metas(self.params.items())
 
     def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
         self._require_model()
@@ -108,7 +109,7 @@ class TrainerCore:
                 "digest": prepared.digest, "selected_token_ids": prepared.selected_token_ids}
 
     # ---- training and real deltas ---------------------------------------------------------
-    def step(self, step_id: str, texts: list[str], optimizer: str, lr: float, steps: int) -> dict:
+    def step(self, step_id: str, texts: list[str], optimizer: str, lr: float, steps: int) -> TrainerStepResult:
         """Real optimizer steps (causal-LM loss on ``texts``): the weights move as training moves them."""
         self._require_model()
         if self.optimizer is None or self.optimizer[0] != (optimizer, lr):
@@ -132,7 +133,7 @@ class TrainerCore:
             opt.zero_grad(set_to_none=True)
         self._sync_device()
         self.version = step_id
-        return {"version": step_id, "losses": losses, "step_ms": (time.perf_counter() - t0) * 1e3}
+        return TrainerStepResult(version=step_id, losses=losses, step_ms=(time.perf_counter() - t0) * 1e3)
 
     def prepare_delta(self, patch_id: str, base_version: str) -> dict:
         """The bit-exact difference between the snapshot of ``base_version`` and the current weights."""
@@ -179,23 +180,25 @@ class TrainerCore:
         exactly base + this patch, i.e. nothing moved them on since."""
         return self.params if self.patch_targets.get(patch_id) == self.version else None
 
-    def sparse_plan(self, patch_id: str, encoding: str) -> list[dict]:
+    def sparse_plan(self, patch_id: str, encoding: str) -> list[SparseMeta]:
         specs = {m.name: m for m in param_metas(self.params.items())}
-        metas = plan_sparse(self._patch(patch_id), specs, encoding, self._current_params(patch_id))
-        return [m.to_dict() for m in metas]
+        return plan_sparse(self._patch(patch_id), specs, encoding, self._current_params(patch_id))
 
     # ---- transfer groups ----------------------------------------------------------------
     # The trainer keeps one open group per engine set (by name), so repeated syncs to the same engines
-    # pay the rendezvous and communicator set-up once.
-    def rendezvous(self, world_size: int, name: str) -> dict:
+    # pay the rendezvous and communicator set-up once (wsync.sync.groups decides when to open/close).
+    def rendezvous(self, world_size: int, name: str, backend: str | None = None) -> dict:
         return {"host": _node_ip(), "port": free_port(), "world_size": world_size,
-                "backend": backend_for(self.device), "name": name}
+                "backend": backend or backend_for(self.device), "name": name}
 
-    def open_group(self, rendezvous: dict) -> None:
+    def open_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
         self.close_group(rendezvous["name"])
-        self.groups[rendezvous["name"]] = ("wsync", open_group(Rendezvous(**rendezvous), 0, self.device))
+        group = open_group(Rendezvous(**rendezvous), 0, self.device, timeout_s=timeout_s)
+        self.groups[rendezvous["name"]] = ("wsync", group)
 
-    def open_vllm_group(self, rendezvous: dict) -> None:
+    def open_vllm_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
+        """vLLM's own trainer-side communicator (its helper takes no timeout; ``timeout_s`` is accepted
+        for the one open signature every transport uses)."""
         from wsync.engines import vllm as va
 
         self.close_group(rendezvous["name"])
@@ -214,38 +217,33 @@ class TrainerCore:
 
                 va.trainer_close_group(group[1])
 
-    def dense_metas(self) -> list[dict]:
-        return [m.to_dict() for m in param_metas(self.params.items())]
+    def send_dense(self, group: str, bucket_bytes: int) -> TransferStats:
+        return send_dense(self._group(group, "wsync"), list(self.params.items()), bucket_bytes)
 
-    def send_dense(self, group: str, bucket_bytes: int) -> dict:
-        stats = send_dense(self._group(group, "wsync"), list(self.params.items()), bucket_bytes)
-        return {"send_ms": stats.ms, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes, "messages": stats.messages,
-                "zero_copy": stats.zero_copy}
-
-    def send_sparse(self, group: str, patch_id: str, metas: list[dict]) -> dict:
+    def send_sparse(self, group: str, patch_id: str, metas: list[SparseMeta]) -> TransferStats:
+        """``bytes`` is the patch's payload (values + indices), whatever the encoding."""
         patches = self._patch(patch_id)
-        stats = send_sparse(self._group(group, "wsync"), patches, [SparseMeta.from_dict(m) for m in metas],
-                            self._current_params(patch_id))
-        return {"send_ms": stats.ms, "bytes": payload_bytes(patches), "wire_bytes": stats.wire_bytes,
-                "messages": stats.messages}
+        stats = send_sparse(self._group(group, "wsync"), patches, list(metas), self._current_params(patch_id))
+        return TransferStats(bytes=payload_bytes(patches), wire_bytes=stats.wire_bytes, ms=stats.ms,
+                             messages=stats.messages)
 
     # ---- transfer to vLLM engines: vLLM's own trainer-side helpers, so the wire is vLLM's --
-    def send_dense_vllm(self, group: str, packed: bool = False) -> dict:
+    def send_dense_vllm(self, group: str, packed: bool = False) -> TransferStats:
         from wsync.engines import vllm as va
 
         api, handle = self._group(group, "vllm")
         ms = va.trainer_send_dense(api, handle, list(self.params.items()), packed=packed)
         nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
-        return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 0}
+        return TransferStats(bytes=nbytes, wire_bytes=nbytes, ms=ms, messages=0)
 
-    def send_sparse_vllm(self, group: str, patch_id: str) -> dict:
+    def send_sparse_vllm(self, group: str, patch_id: str) -> TransferStats:
         from wsync.engines import vllm as va
 
         api, handle = self._group(group, "vllm")
         patches = self._patch(patch_id)
         ms = va.trainer_send_sparse(api, handle, patches)
         nbytes = payload_bytes(patches)
-        return {"send_ms": ms, "bytes": nbytes, "wire_bytes": nbytes, "messages": 2 * len(patches)}
+        return TransferStats(bytes=nbytes, wire_bytes=nbytes, ms=ms, messages=2 * len(patches))
 
     # ---- helpers ------------------------------------------------------------------------
     def _require_model(self) -> None:

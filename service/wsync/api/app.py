@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 
 from wsync import __version__
-from wsync.fleet import Fleet
+from wsync.actors.ref import Actors
 from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
+from wsync.sync.registry import Fleet
 
 from . import comparisons, engines, errors, health, jobs, patches, results, sync, trainer
 
@@ -27,7 +29,10 @@ class ServiceState:
     fleet: Fleet
 
 
-def create_app(settings: Settings | None = None, *, start_fleet: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
+               actors: Callable[[Settings], Actors] | None = None) -> FastAPI:
+    """The app. ``actors`` builds the actor backend the fleet runs on (default: Ray,
+    wsync.actors.engine.RayActors); fast tests pass in-process cores (wsync.actors.ref.LocalActors)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -37,7 +42,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
         if lost:
             log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
         runner = JobRunner(store)
-        fleet = Fleet(settings, store, runner.locks)
+        fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings))
         if start_fleet:
             fleet.start()
         app.state.wsync = ServiceState(settings, store, runner, fleet)
@@ -54,3 +59,9 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app
+
+
+def _ray_actors(settings: Settings) -> Actors:
+    from wsync.actors.engine import RayActors
+
+    return RayActors(settings)

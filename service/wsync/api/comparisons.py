@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from wsync.fleet import trainer_lock
-from wsync.orchestrate import run_comparison
+from wsync.errors import InvalidInput
+from wsync.jobs.locks import trainer_lock
 from wsync.schemas import ComparisonCreate, JobInfo, JobKind
+from wsync.sync.comparison import run_comparison
 
 from .deps import FleetDep, RunnerDep
 
@@ -15,8 +16,6 @@ router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"])
              summary="Dense vs sparse, end to end, on fresh engines (vLLM's rlhf_sparse_nccl story)")
 def create(req: ComparisonCreate, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
     if req.engine_kind.value == "vllm" and fleet.device != "cuda":
-        from wsync.errors import InvalidInput
-
         raise InvalidInput("vLLM engines need a GPU; this cluster has none", field="engine_kind")
     return runner.submit(JobKind.comparison, req.model_dump(mode="json"), [trainer_lock()],
                          lambda ctx: run_comparison(fleet, ctx, req))

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from wsync.fleet import Fleet
 from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings
+from wsync.sync.registry import Fleet
 
 
 def get_state(request: Request):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from wsync.jobs.locks import engine_lock
 from wsync.schemas import EngineInfo, EngineLaunch, GenerateRequest, GenerateResponse, Page
 
 from .deps import FleetDep
@@ -31,8 +32,6 @@ def get_engine(engine_id: str, fleet: FleetDep) -> EngineInfo:
 
 @router.delete("/{engine_id}", response_model=EngineInfo, summary="Stop an engine and free its GPU")
 def delete_engine(engine_id: str, fleet: FleetDep) -> EngineInfo:
-    from wsync.fleet import engine_lock
-
     fleet.get_engine(engine_id)
     with fleet.holding(engine_lock(engine_id)):
         return fleet.delete_engine(engine_id)
@@ -40,8 +39,6 @@ def delete_engine(engine_id: str, fleet: FleetDep) -> EngineInfo:
 
 @router.post("/{engine_id}/generate", response_model=GenerateResponse, summary="Greedy generation on an engine")
 def generate(engine_id: str, req: GenerateRequest, fleet: FleetDep) -> GenerateResponse:
-    from wsync.fleet import engine_lock
-
     fleet.get_engine(engine_id)
     with fleet.holding(engine_lock(engine_id)):
         gens = fleet.generate(engine_id, req.prompts, req.max_new_tokens)

@@ -3,8 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from wsync.errors import NotFound
-from wsync.fleet import trainer_lock
 from wsync.inline import inline_patches
+from wsync.jobs.locks import trainer_lock
 from wsync.schemas import Page, PatchInfo, PatchKind, PatchPrepare
 
 from .deps import FleetDep, Limit, Offset, StoreDep
@@ -15,10 +15,10 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 @router.post("", response_model=PatchInfo, status_code=status.HTTP_201_CREATED,
              summary="Prepare a patch: apply it to the trainer's weights and keep it for sparse syncs")
 def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
-    fleet.require_trainer()
-    tensors = inline_patches(req.patches, fleet.trainer_specs()) if req.kind == PatchKind.inline else None
+    fleet.trainer.require()
+    tensors = inline_patches(req.patches, fleet.trainer.spec_dicts()) if req.kind == PatchKind.inline else None
     with fleet.holding(trainer_lock()):
-        return fleet.prepare_patch(req, tensors)
+        return fleet.trainer.prepare_patch(req, tensors)
 
 
 @router.get("", response_model=Page[PatchInfo], summary="Patches, newest first")

@@ -1,59 +1,46 @@
+"""Sync jobs: the handler runs the submit-time checks (wsync.sync.checks) and answers 202 with the job;
+the job re-runs them at start and runs the sync (wsync.sync.run)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from wsync.errors import NotFound
-from wsync.fleet import engine_lock, trainer_lock
 from wsync.inline import inline_patches
-from wsync.orchestrate import check_sparse_baseline, run_sync
+from wsync.jobs.locks import sync_locks
 from wsync.schemas import JobInfo, JobKind, PatchKind, PatchPrepare, SyncDense, SyncSparse
+from wsync.sync.checks import SyncOrder, check_sync
+from wsync.sync.run import run_sync
 
-from .deps import FleetDep, RunnerDep, StoreDep
+from .deps import FleetDep, RunnerDep
 
 router = APIRouter(prefix="/v1/sync", tags=["sync"])
-
-
-def _resources(engine_ids: list[str]) -> list[str]:
-    return [trainer_lock(), *(engine_lock(e) for e in engine_ids)]
 
 
 @router.post("/dense", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED,
              summary="Send every parameter to the engines (a job)")
 def sync_dense(req: SyncDense, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
-    fleet.require_trainer()
-    fleet.ready_engines(req.engine_ids)
-
-    def job(ctx):
-        return run_sync(fleet, ctx, "dense", req.engine_ids, bucket_bytes=req.bucket_bytes, verify=req.verify)
-
-    return runner.submit(JobKind.sync_dense, req.model_dump(mode="json"), _resources(req.engine_ids), job)
+    order = SyncOrder(mode="dense", engine_ids=req.engine_ids, bucket_bytes=req.bucket_bytes, verify=req.verify)
+    check_sync(fleet, order, settled=False)
+    return runner.submit(JobKind.sync_dense, req.model_dump(mode="json"), sync_locks(req.engine_ids),
+                         lambda ctx: run_sync(fleet, ctx, order))
 
 
 @router.post("/sparse", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED,
              summary="Send only the changed elements of a patch to the engines (a job)")
-def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep, store: StoreDep) -> JobInfo:
-    fleet.require_trainer()
-    recs = fleet.ready_engines(req.engine_ids)
-    resources = _resources(req.engine_ids)
-    tensors = None
-    if req.patch_id is not None:
-        patch = store.get_patch(req.patch_id)
-        if patch is None:
-            raise NotFound(f"no patch {req.patch_id!r}", field="patch_id")
-        if not runner.pending(resources):  # nothing queued that could still move these engines
-            check_sparse_baseline(fleet, recs, patch.base_version)
-    elif req.patches:
-        tensors = inline_patches(req.patches, fleet.trainer_specs())
-    elif not runner.pending(resources):  # delta: check what can be checked now
-        fleet.prepare_delta_check(recs)
+def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
+    resources = sync_locks(req.engine_ids)
+    order = SyncOrder(mode="sparse", engine_ids=req.engine_ids, patch_id=req.patch_id,
+                      encoding=req.encoding.value, verify=req.verify, delta=req.delta)
+    # nothing queued that could still move these engines or the trainer: check everything now
+    check_sync(fleet, order, settled=not runner.pending(resources))
+    tensors = inline_patches(req.patches, fleet.trainer.spec_dicts()) if req.patches else None
 
     def job(ctx):
-        patch_id = req.patch_id
         if tensors is not None:
             ctx.event("applying the inline patch to the trainer")
-            patch_id = fleet.prepare_patch(PatchPrepare(kind=PatchKind.inline, patches=req.patches), tensors).id
-        return run_sync(fleet, ctx, "sparse", req.engine_ids, patch_id=patch_id, encoding=req.encoding.value,
-                        verify=req.verify, delta=req.delta)
+            order.patch_id = fleet.trainer.prepare_patch(PatchPrepare(kind=PatchKind.inline, patches=req.patches),
+                                                         tensors).id
+        return run_sync(fleet, ctx, order)
 
     request = req.model_dump(mode="json", exclude={"patches"})
     if req.patches:

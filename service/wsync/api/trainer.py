@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from wsync.fleet import trainer_lock
+from wsync.jobs.locks import trainer_lock
 from wsync.schemas import TrainerInfo, TrainerLoad, TrainerStep, TrainerStepResult
 
 from .deps import FleetDep
@@ -12,23 +12,23 @@ router = APIRouter(prefix="/v1/trainer", tags=["trainer"])
 
 @router.get("", response_model=TrainerInfo, summary="The trainer's model and weight version")
 def get_trainer(fleet: FleetDep) -> TrainerInfo:
-    return TrainerInfo(**{k: v for k, v in fleet.trainer_info.items() if k != "params"})
+    return fleet.trainer.info
 
 
 @router.post("/load", response_model=TrainerInfo, summary="Load a model into the trainer (default: embedded)")
 def load(req: TrainerLoad, fleet: FleetDep) -> TrainerInfo:
     with fleet.holding(trainer_lock()):
-        return fleet.load_trainer(req.model, req.dtype)
+        return fleet.trainer.load(req.model, req.dtype)
 
 
 @router.post("/reset", response_model=TrainerInfo, summary="Reset the trainer to its baseline checkpoint")
 def reset(fleet: FleetDep) -> TrainerInfo:
     with fleet.holding(trainer_lock()):
-        return fleet.reset_trainer()
+        return fleet.trainer.reset()
 
 
 @router.post("/step", response_model=TrainerStepResult,
              summary="A real optimizer step on the trainer (then POST /v1/sync/sparse with delta=true)")
 def step(req: TrainerStep, fleet: FleetDep) -> TrainerStepResult:
     with fleet.holding(trainer_lock()):
-        return TrainerStepResult(**fleet.step(req))
+        return fleet.trainer.step(req)

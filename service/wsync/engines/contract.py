@@ -81,7 +81,10 @@ class EngineCore(Protocol):
 
     def fingerprint(self, names: list[str] | None = None) -> dict[str, str]: ...
 
-    def join_group(self, rendezvous: dict, rank: int, transport: str) -> None: ...
+    def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
+        """Join the trainer's transfer group at ``rank`` (>= 1; the trainer is 0) over ``transport`` (one
+        of ``ready().transports``); blocks until every rank joined. ``timeout_s``: the service's group
+        timeout (Settings.group_timeout_s), for the communicator and its rendezvous."""
 
     def leave_group(self) -> None: ...
 

@@ -1,7 +1,8 @@
 """The reference engine: a transformers model that serves greedy generation and receives dense and
 sparse updates over torch.distributed (gloo on CPU, NCCL on GPU), applying them in place.
 
-It speaks the same engine interface as the vLLM engine (see actors/vllm_engine.py)."""
+It implements the one engine contract (engines/contract.py: EngineCore) and receives on the wsync wire
+("gloo" on CPU, "nccl" on GPU)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from wsync.transfer.dense import DenseReceiver
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
-from wsync.transfer.group import Rendezvous, SyncGroup, open_group
+from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, open_group
 from wsync.transfer.meta import TensorMeta, param_metas
 from wsync.transfer.sparse import SparseMeta, apply_patches, recv_sparse
 
+from .contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
 from .hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 
 
@@ -39,12 +41,10 @@ class ReferenceEngineCore:
         self.paused = False
 
     # ---- serving ------------------------------------------------------------------------
-    def ready(self) -> dict:
-        return {"kind": self.kind, "model": self.model_name, "device": str(self.device),
-                "num_tensors": len(self.params)}
-
-    def health(self) -> dict:
-        return {"ok": True, "paused": self.paused, "in_group": self.group is not None}
+    def ready(self) -> EngineDetails:
+        return EngineDetails(kind=self.kind, model=self.model_name, device=str(self.device),
+                             num_tensors=len(self.params), transports=[backend_for(self.device)],
+                             gpu_uuid=_gpu_uuid(self.device))
 
     def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
         if self.paused:
@@ -58,31 +58,39 @@ class ReferenceEngineCore:
         self.paused = False
 
     # ---- weights ------------------------------------------------------------------------
-    def param_metas(self) -> list[dict]:
-        return [m.to_dict() for m in param_metas(self.params.items())]
+    def param_metas(self) -> list[TensorMeta]:
+        return param_metas(self.params.items())
 
     def fingerprint(self, names: list[str] | None = None) -> dict[str, str]:
         items = self.params.items() if names is None else [(n, self.params[n]) for n in names]
         return fingerprint(items)
 
-    def join_group(self, rendezvous: dict, rank: int) -> None:
+    def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
+        """Join the trainer's group at ``rank`` (blocks until every rank joined). ``transport`` is one of
+        ``ready().transports``; the rendezvous names the backend."""
+        if transport not in ("gloo", "nccl"):
+            raise EngineError(f"the reference engine receives on gloo/nccl, not {transport!r}")
         self.leave_group()
-        self.group = open_group(Rendezvous(**rendezvous), rank, self.device)
+        self.group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
 
     def leave_group(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
 
-    def recv_dense(self, update: dict) -> dict:
+    def prepare_sync(self, update: DenseUpdate) -> None:
+        """Check the layout and build the dense receiver before any byte moves."""
+        self._check_metas(update.metas)
+        self._dense_receiver(update.metas, update.bucket_bytes)
+
+    def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
         group = self._require_group()
-        metas = [TensorMeta.from_dict(m) for m in update["metas"]]
-        self._check_metas(metas)
+        self._check_metas(update.metas)
         t0 = time.perf_counter()
         with torch.no_grad():
-            stats = self._dense_receiver(metas, int(update["bucket_bytes"])).recv(group)
-        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "bytes": stats.bytes, "zero_copy": stats.zero_copy,
-                "messages": stats.messages}
+            stats = self._dense_receiver(update.metas, int(update.bucket_bytes)).recv(group)
+        return ReceiveReport(recv_ms=(time.perf_counter() - t0) * 1e3, bytes=stats.bytes, zero_copy=stats.zero_copy,
+                             messages=stats.messages)
 
     def _dense_receiver(self, metas: list[TensorMeta], bucket_bytes: int) -> DenseReceiver:
         """One DenseReceiver per (layout, bucket size), kept between syncs: its validation, plan and views
@@ -93,9 +101,9 @@ class ReferenceEngineCore:
             cached = self._dense_rx = (key, DenseReceiver(metas, bucket_bytes, self.params, self.device))
         return cached[1]
 
-    def recv_sparse(self, update: dict) -> dict:
+    def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
         group = self._require_group()
-        metas = [SparseMeta.from_dict(m) for m in update["metas"]]
+        metas: list[SparseMeta] = list(update.metas)
         self._check_metas(metas)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -103,7 +111,7 @@ class ReferenceEngineCore:
             apply_patches(self.params, patches)  # a few scatters: the params are laid out flat
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return {"recv_ms": (time.perf_counter() - t0) * 1e3, "elements": sum(m.count for m in metas)}
+        return ReceiveReport(recv_ms=(time.perf_counter() - t0) * 1e3, elements=sum(m.count for m in metas))
 
     def shutdown(self) -> None:
         self.leave_group()
@@ -123,3 +131,13 @@ class ReferenceEngineCore:
             if list(p.shape) != list(m.shape) or str(p.dtype).removeprefix("torch.") != m.dtype:
                 raise EngineError(f"{m.name}: engine has {str(p.dtype).removeprefix('torch.')}{list(p.shape)}, "
                                   f"update says {m.dtype}{list(m.shape)}")
+
+
+def _gpu_uuid(device: torch.device) -> str | None:
+    """The physical GPU's UUID ("GPU-…") where the weights live; None on CPU or when unknown."""
+    if device.type != "cuda":
+        return None
+    try:
+        return "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # noqa: BLE001 - older torch: no uuid
+        return None

@@ -14,6 +14,7 @@ from typing import Any
 
 from wsync.schemas import JobInfo, JobKind, JobState
 
+from .locks import ResourceLocks
 from .store import Store
 
 log = logging.getLogger("wsync.jobs")
@@ -39,41 +40,6 @@ class JobContext:
 
 
 JobFn = Callable[[JobContext], dict]
-
-
-class ResourceLocks:
-    """Named locks (``trainer``, ``engine:<id>``), always taken in sorted order so jobs never deadlock."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def _get(self, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
-
-    def acquire(self, names: Iterable[str]) -> list[threading.Lock]:
-        taken = []
-        for name in sorted(set(names)):
-            lock = self._get(name)
-            lock.acquire()
-            taken.append(lock)
-        return taken
-
-    def try_acquire(self, names: Iterable[str], timeout: float) -> list[threading.Lock] | None:
-        """Like acquire, but give up (releasing what was taken) after ``timeout`` seconds per lock."""
-        taken = []
-        for name in sorted(set(names)):
-            lock = self._get(name)
-            if not lock.acquire(timeout=timeout):
-                for held in reversed(taken):
-                    held.release()
-                return None
-            taken.append(lock)
-        return taken
-
-    def busy(self, name: str) -> bool:
-        return self._get(name).locked()
 
 
 class JobRunner:

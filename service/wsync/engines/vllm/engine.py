@@ -172,7 +172,7 @@ class VLLMEngineCore:
     # ---- contract: serving --------------------------------------------------------------
     def ready(self) -> EngineDetails:
         extra = {"vllm_version": self.api.version, "generation": self.api.generation,
-                 "weight_transfer_backend": self.api.sparse_backend, "route": self.route,
+                 "weight_transfer_backend": self.api.sparse_backend, "route": self.route, "sync_route": self.route,
                  **({"receive": dict(self.plan)} if self.route == "native" else {}),
                  **({"route_note": self.route_note} if self.route_note else {})}
         return EngineDetails(kind=self.kind, model=self.model_name, device=self.device,
@@ -226,7 +226,7 @@ class VLLMEngineCore:
         names (e.g. HF q_proj names of a fused qkv_proj) are left out of the answer."""
         return self._require_llm().collective_rpc("wsync_fingerprint", args=(names,))[0]
 
-    def join_group(self, rendezvous: dict, rank: int, transport: str) -> None:
+    def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
         """Join the trainer's group at `rank` (>= 1; the trainer is 0) on one of ready().transports:
         "vllm_native" joins vLLM's own group, otherwise the worker joins a wsync SyncGroup."""
         llm = self._require_llm()
@@ -241,7 +241,7 @@ class VLLMEngineCore:
             llm.init_weight_transfer_engine({"init_info": init_info(
                 rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), rank_offset=int(rank))})
         else:
-            llm.collective_rpc("wsync_open_sync_group", args=(dict(rendezvous), int(rank), 300.0, False))
+            llm.collective_rpc("wsync_open_sync_group", args=(dict(rendezvous), int(rank), float(timeout_s), False))
         self.transport = transport
 
     def leave_group(self) -> None:

@@ -1,0 +1,139 @@
+"""The trainer's side of the registry: its actor, its typed state, and the calls that change it.
+
+Methods take no locks (the API and the job runner do). Every call that changes the trainer's weights
+updates ``record.info.version`` here, so the registry never goes back to the actor to learn it."""
+
+from __future__ import annotations
+
+import uuid
+
+from wsync.actors.ref import ActorRef, Actors
+from wsync.actors.trainer import MAX_HELD_PATCHES
+from wsync.errors import Conflict, InvalidInput
+from wsync.jobs.store import Store
+from wsync.schemas import PatchInfo, PatchPrepare, TrainerInfo, TrainerStep, TrainerStepResult
+from wsync.schemas.common import utcnow
+from wsync.settings import Settings
+
+from .calls import Caller
+from .records import TrainerRecord
+
+
+class Trainer:
+    def __init__(self, settings: Settings, store: Store, actors: Actors, caller: Caller):
+        self.settings, self.store, self.actors, self.caller = settings, store, actors, caller
+        self.actor: ActorRef | None = None
+        self.record = TrainerRecord()
+
+    @property
+    def info(self) -> TrainerInfo:
+        return self.record.info
+
+    @property
+    def version(self) -> str | None:
+        return self.record.info.version
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def resolve_model(self, name: str | None) -> str:
+        from wsync.models.tiny import resolve_model
+
+        if name is None:
+            name = self.settings.default_model or self.record.info.model
+        return resolve_model(name, self.settings.cache_dir)
+
+    def _actor(self) -> ActorRef:
+        if self.actor is None:
+            self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
+                                                    self.settings.dense_bucket_bytes)
+        return self.actor
+
+    def load(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
+        resolved = self.resolve_model(model)
+        return self._loaded(self.caller.get(self._actor().call("load", resolved, dtype), "trainer load"))
+
+    def ensure(self, model: str | None = None) -> TrainerInfo:
+        """The trainer with ``model`` loaded (loading it only when another or none is)."""
+        resolved = self.resolve_model(model)
+        if not self.record.info.loaded or self.record.info.model != resolved:
+            return self.load(resolved, self.record.info.dtype or "bfloat16")
+        return self.record.info
+
+    def reset(self) -> TrainerInfo:
+        self.require()
+        return self._loaded(self.caller.get(self._actor().call("reset"), "trainer reset"))
+
+    def require(self) -> None:
+        if not self.record.info.loaded:
+            raise Conflict("the trainer has no model loaded: POST /v1/trainer/load first", field="trainer")
+
+    def _loaded(self, info: TrainerInfo) -> TrainerInfo:
+        """A (re)load: new params, no held patches; snapshots are the actor's (a reload drops none)."""
+        params = self.caller.get(self._actor().call("param_metas"), "trainer info") if info.loaded else []
+        self.record.info, self.record.params = info, params
+        self.record.held.clear()
+        return info
+
+    def spec_dicts(self) -> dict[str, dict]:
+        """The trainer's parameters by name, as the inline-patch checks take them."""
+        return {m.name: m.to_dict() for m in self.record.params}
+
+    # ---- weights ------------------------------------------------------------------------
+    def step(self, req: TrainerStep) -> TrainerStepResult:
+        self.require()
+        out: TrainerStepResult = self.caller.get(self._actor().call(
+            "step", f"s-{uuid.uuid4().hex[:10]}", req.texts, req.optimizer, req.lr, req.steps), "trainer step")
+        self.record.info.version = out.version
+        return out
+
+    def prepare_patch(self, req: PatchPrepare, tensors: list | None = None) -> PatchInfo:
+        """Apply a patch to the trainer and record it. ``tensors``: validated inline SparsePatches."""
+        self.require()
+        specs = self.record.specs()
+        if req.kind.value == "reference" and req.param not in specs:
+            raise InvalidInput(f"no parameter {req.param!r} in the trainer's model", field="param", rule="name_exists")
+        for i, name in enumerate(req.params or []):
+            if name not in specs:
+                raise InvalidInput(f"no parameter {name!r} in the trainer's model", field=f"params.{i}",
+                                   rule="name_exists")
+        patch_id = f"p-{uuid.uuid4().hex[:10]}"
+        spec = req.model_dump(exclude={"kind", "patches"})
+        if tensors is not None:
+            spec["patches"] = tensors
+        out = self.caller.get(self._actor().call("prepare_patch", patch_id, req.kind.value, spec), "prepare patch")
+        info = self._record_patch(PatchInfo(id=patch_id, kind=req.kind, created_at=utcnow(), **out))
+        self.record.info.version = patch_id
+        return info
+
+    def prepare_delta(self, base_version: str) -> PatchInfo:
+        """A patch holding exactly what changed between ``base_version`` and the trainer's weights."""
+        patch_id = f"p-{uuid.uuid4().hex[:10]}"
+        out = self.caller.get(self._actor().call("prepare_delta", patch_id, base_version), "delta")
+        return self._record_patch(PatchInfo(id=patch_id, kind="delta", created_at=utcnow(), **out))
+
+    def holds(self, patch_id: str) -> bool:
+        """Whether the trainer still holds this patch (a reset or reload drops them; it keeps the newest
+        MAX_HELD_PATCHES)."""
+        return patch_id in self.record.held
+
+    def _record_patch(self, info: PatchInfo) -> PatchInfo:
+        self.store.add_patch(info)
+        self.record.held[info.id] = None
+        while len(self.record.held) > MAX_HELD_PATCHES:
+            self.record.held.popitem(last=False)
+        return info
+
+    def mark_synced(self, version: str, patch: PatchInfo | None, serving: list[str]) -> None:
+        """Engines serve ``version`` now (and ``serving`` between them): the trainer keeps the right
+        snapshots for later deltas."""
+        self.record.snapshots = self.caller.get(self._actor().call(
+            "mark_synced", version, patch.id if patch else None, patch.base_version if patch else None,
+            serving), "snapshot")
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
+        self.require()
+        return self.caller.get(self._actor().call("generate", prompts, max_new_tokens), "trainer generate")
+
+    def kill(self) -> None:
+        if self.actor is not None:
+            self.actor.kill()
+        self.actor = None

@@ -1,0 +1,145 @@
+"""Transports: how bytes get from the trainer to one set of engines. One strategy object per engine,
+chosen once when the engine becomes ready (``choose``), then driven by the sync run without branching
+on what kind of engine or wire it is.
+
+A transport owns the trainer's side only (open its group side, send); the engine's side is always
+the same contract calls (engines/contract.py: join_group(rdv, rank, transport), prepare_sync,
+recv_dense, recv_sparse). Names are the strings engines list in ``EngineDetails.transports``:
+
+- ``gloo`` / ``nccl`` (WsyncWire): wsync.transfer's wire (bucketed dense, every sparse encoding,
+  checkpoint names) over a wsync process group; gloo on CPU, NCCL on GPU.
+- ``vllm_native`` (VLLMNative): vLLM's own weight-transfer API and wire; flat_int32 sparse only.
+- ``cuda_ipc``: reserved (the engine shares the trainer's GPU; wsync.transfer.ipc) — a CudaIpc class
+  registered here when it lands.
+- an external trainer (a process outside the service sending on its own) registers a transport whose
+  ``open``/``send_*`` talk to it instead of the trainer actor.
+
+A new transport is a new subclass plus one ``TRANSPORTS`` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from wsync.actors.ref import ActorRef
+from wsync.engines.contract import DenseUpdate, EngineDetails
+from wsync.transfer.sparse import SparseMeta
+
+
+@dataclass(frozen=True)
+class TrainerSide:
+    """What a transport needs to know about the trainer to decide whether it can serve an engine."""
+
+    device: str  # "cpu" or "cuda"
+    gpu_uuid: str | None = None
+
+
+class Transport:
+    """The trainer's side of one wire. Every method returns a pending actor call (``Actors.wait``)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, name: str | None = None):
+        self.name = name or type(self).name  # type: ignore[misc]
+
+    @classmethod
+    def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
+        """Whether this trainer can send to this engine over ``name``."""
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> str | None:
+        """The process-group backend the rendezvous names (None: the transport's own)."""
+        return None
+
+    def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
+        """Open the trainer's side of a group (rank 0), concurrently with the engines' join_group."""
+        raise NotImplementedError
+
+    def sparse_encoding(self, requested: str) -> str:
+        """The wire encoding this transport sends for a requested one."""
+        return requested
+
+    def send_dense(self, trainer: ActorRef, group: str, update: DenseUpdate) -> Any:
+        """Send every parameter; the pending call yields TransferStats."""
+        raise NotImplementedError
+
+    def send_sparse(self, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta]) -> Any:
+        """Send a held patch as planned by ``metas``; the pending call yields TransferStats."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class WsyncWire(Transport):
+    """wsync.transfer over a wsync process group: "gloo" (CPU) or "nccl" (GPU)."""
+
+    name = "gloo"
+
+    @classmethod
+    def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
+        return name == ("nccl" if trainer.device == "cuda" else "gloo")
+
+    @property
+    def backend(self) -> str | None:
+        return self.name
+
+    def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
+        return trainer.call("open_group", rendezvous, timeout_s)
+
+    def send_dense(self, trainer: ActorRef, group: str, update: DenseUpdate) -> Any:
+        return trainer.call("send_dense", group, update.bucket_bytes)
+
+    def send_sparse(self, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta]) -> Any:
+        return trainer.call("send_sparse", group, patch_id, metas)
+
+
+class VLLMNative(Transport):
+    """vLLM's own weight-transfer API (its trainer-side helpers and wire): NCCL, flat_int32 sparse."""
+
+    name = "vllm_native"
+
+    @classmethod
+    def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
+        return trainer.device == "cuda"
+
+    @property
+    def backend(self) -> str | None:
+        return "nccl"
+
+    def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
+        return trainer.call("open_vllm_group", rendezvous, timeout_s)
+
+    def sparse_encoding(self, requested: str) -> str:
+        return "flat_int32"  # vLLM's wire order
+
+    def send_dense(self, trainer: ActorRef, group: str, update: DenseUpdate) -> Any:
+        return trainer.call("send_dense_vllm", group, update.packed)
+
+    def send_sparse(self, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta]) -> Any:
+        return trainer.call("send_sparse_vllm", group, patch_id)
+
+
+#: name -> class. "cuda_ipc" (CudaIpc, transfer/ipc.py) and an external trainer's transport go here.
+TRANSPORTS: dict[str, type[Transport]] = {
+    "gloo": WsyncWire,
+    "nccl": WsyncWire,
+    "vllm_native": VLLMNative,
+}
+
+
+class NoTransport(RuntimeError):
+    """The engine lists no transport this trainer can send on."""
+
+
+def choose(engine: EngineDetails, trainer: TrainerSide) -> Transport:
+    """The first of the engine's transports (its order of preference) this trainer can use."""
+    for name in engine.transports:
+        cls = TRANSPORTS.get(name)
+        if cls is not None and cls.usable(name, trainer, engine):
+            return cls(name)
+    raise NoTransport(f"no transport in common: the engine receives on {engine.transports or 'nothing'}, "
+                      f"the trainer ({trainer.device}) sends on "
+                      f"{[n for n, c in TRANSPORTS.items() if c.usable(n, trainer, engine)] or 'nothing'}")
