@@ -56,7 +56,7 @@ def test_c_service_vllm_direct_route_training_loop(service, report_dir):
     with Client(service.url, timeout=900) as c:
         c.trainer.load()
         eng = c.engines.launch(kind="vllm", gpu_memory_utilization=0.3, sync_route="direct")
-        assert eng.details["sync_route"] == "direct", eng.details
+        assert eng.details["route"] == "direct", eng.details
         results = [c.wait(c.sync.dense([eng.id]).id, timeout=600).result]
         for step in range(2):
             patch = c.patches.prepare(kind="random", density=0.001, seed=step)

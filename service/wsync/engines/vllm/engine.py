@@ -172,7 +172,7 @@ class VLLMEngineCore:
     # ---- contract: serving --------------------------------------------------------------
     def ready(self) -> EngineDetails:
         extra = {"vllm_version": self.api.version, "generation": self.api.generation,
-                 "weight_transfer_backend": self.api.sparse_backend, "route": self.route, "sync_route": self.route,
+                 "weight_transfer_backend": self.api.sparse_backend, "route": self.route,
                  **({"receive": dict(self.plan)} if self.route == "native" else {}),
                  **({"route_note": self.route_note} if self.route_note else {})}
         return EngineDetails(kind=self.kind, model=self.model_name, device=self.device,
