@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,13 +36,13 @@ for sub in ("service", "clients"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
-from wsync.engines.hf import load_causal_lm  # noqa: E402
-from wsync.engines.reference import ReferenceEngineCore  # noqa: E402
-from wsync.engines.sampling import sample, sequence_logprobs  # noqa: E402
-from wsync.models import resolve_model  # noqa: E402
-from wsync.publish import Plan, Publisher  # noqa: E402
-from wsync.transfer.group import Rendezvous, free_port, open_group  # noqa: E402
-from wsync.transfer.meta import TensorMeta  # noqa: E402
+from wsync.engines.hf import load_causal_lm
+from wsync.engines.reference import ReferenceEngineCore
+from wsync.engines.sampling import sample, sequence_logprobs
+from wsync.models import resolve_model
+from wsync.publish import Plan, Publisher
+from wsync.transfer.group import Rendezvous, free_port, open_group
+from wsync.transfer.meta import TensorMeta
 
 PROMPTS = ["The cat sat on the", "Beautiful is better than", "Simple is better", "In the face of ambiguity",
            "Now is better than never", "Errors should never pass", "Flat is better than", "Readability"]

@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
-from wsync.publish import Plan, Publisher as PublishCore, PublishReport, is_publishing_rank
+from wsync.publish import Plan, PublishReport, is_publishing_rank
+from wsync.publish import Publisher as PublishCore
 from wsync.publish.names import NameHook
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
 from wsync.transfer.sparse import SparsePatch
 
 from ._core import APICall
 
-__all__ = ["Publisher", "PublishResult", "default_host"]
+__all__ = ["PublishResult", "Publisher", "default_host"]
 
 
 def default_host() -> str:
@@ -162,7 +163,7 @@ class Publisher:
             self._http("DELETE", f"/v1/trainers/{self.id}")
             self.id = None
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Publisher:
         if self.rank0:
             self.register()
         return self

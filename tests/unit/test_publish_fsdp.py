@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from wsync.publish import Publisher, WeightSource
 from wsync.transfer import Rendezvous, free_port, open_group
 from wsync.transfer.dense import DenseReceiver, plan_buckets
@@ -95,7 +94,7 @@ def _worker(rank: int, port: int, rx_port: int, q) -> None:
             assert rep2.mode == "sparse" and rep2.elements == 2 * 24  # row 0 of each rank's shard of a [16, 24] weight
             assert rx_out["2"] == ("sparse", fingerprint(full)) and rep2.fingerprints == fingerprint(full)
         q.put((rank, "ok"))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         q.put((rank, repr(exc)))
         raise
     finally:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from wsync.publish import DROP, LayoutError, NameMap, WeightSource, check_layout, strip_wrappers
+from wsync.publish import (
+    DROP,
+    LayoutError,
+    NameMap,
+    WeightSource,
+    check_layout,
+    strip_wrappers,
+)
 from wsync.transfer.meta import TensorMeta
 
 ENGINE = [TensorMeta("model.embed.weight", "bfloat16", [8, 4]), TensorMeta("model.layers.0.w", "float32", [4, 4]),

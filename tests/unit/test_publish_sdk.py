@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import torch
-
 from wsync.transfer.dense import DenseReceiver
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.group import Rendezvous, open_group
@@ -55,7 +54,7 @@ class StandIn:
         if method == "GET" and path.startswith("/v1/jobs/"):
             job = self.jobs[path.split("/")[-1]]
             return httpx.Response(200, json={"id": path.split("/")[-1], "kind": "sync_dense", "state": "succeeded",
-                                             "created_at": datetime.now(timezone.utc).isoformat(),
+                                             "created_at": datetime.now(UTC).isoformat(),
                                              "result": {"verified": job["verified"]}})
         if (method, path) == ("DELETE", "/v1/trainers/t1"):
             return httpx.Response(204)

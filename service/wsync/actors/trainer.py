@@ -9,9 +9,9 @@ import torch
 
 from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 from wsync.patches import apply_inline, patch_digest, random_patch, reference_patch
-from wsync.transfer.delta import Snapshot
 from wsync.publish.source import WeightSource
 from wsync.publish.wire import diff_source, send_patches, send_source_dense
+from wsync.transfer.delta import Snapshot
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group

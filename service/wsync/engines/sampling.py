@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["sequence_logprobs", "sample"]
+__all__ = ["sample", "sequence_logprobs"]
 
 
 def sequence_logprobs(lm, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:

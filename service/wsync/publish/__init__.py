@@ -2,10 +2,30 @@
 own training process put weights on the engines through this one send path. See docs/PUBLISHER.md."""
 
 from .names import DROP, LayoutError, NameMap, check_layout, strip_wrappers
-from .publisher import DENSE_FRACTION, MODES, Plan, PublishError, Publisher, PublishReport
+from .publisher import (
+    DENSE_FRACTION,
+    MODES,
+    Plan,
+    Publisher,
+    PublishError,
+    PublishReport,
+)
 from .source import WeightSource, is_dtensor, is_publishing_rank, world_rank
 
 __all__ = [
-    "DROP", "LayoutError", "NameMap", "check_layout", "strip_wrappers", "DENSE_FRACTION", "MODES", "Plan",
-    "PublishError", "Publisher", "PublishReport", "WeightSource", "is_dtensor", "is_publishing_rank", "world_rank",
+    "DENSE_FRACTION",
+    "DROP",
+    "MODES",
+    "LayoutError",
+    "NameMap",
+    "Plan",
+    "PublishError",
+    "PublishReport",
+    "Publisher",
+    "WeightSource",
+    "check_layout",
+    "is_dtensor",
+    "is_publishing_rank",
+    "strip_wrappers",
+    "world_rank",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from wsync.transfer.meta import TensorMeta
 
-__all__ = ["DROP", "LayoutError", "NameMap", "strip_wrappers", "check_layout"]
+__all__ = ["DROP", "LayoutError", "NameMap", "check_layout", "strip_wrappers"]
 
 #: Returned by a name hook (or used as a dict value): leave this tensor out of every publish.
 DROP = "\x00drop"

@@ -37,7 +37,7 @@ from .names import NameHook
 from .source import WeightSource, is_publishing_rank
 from .wire import diff_source, send_patches, send_source_dense
 
-__all__ = ["Publisher", "Plan", "PublishReport", "PublishError", "MODES", "DENSE_FRACTION"]
+__all__ = ["DENSE_FRACTION", "MODES", "Plan", "PublishError", "PublishReport", "Publisher"]
 
 MODES = ("dense", "sparse", "auto")
 #: auto sends dense when the sparse stream would be at least this fraction of the dense bytes.

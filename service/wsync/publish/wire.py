@@ -21,7 +21,7 @@ from wsync.transfer.sparse import SparseMeta, SparsePatch, send_sparse
 
 from .source import WeightSource
 
-__all__ = ["send_source_dense", "send_patches", "diff_source", "add_stats"]
+__all__ = ["add_stats", "diff_source", "send_patches", "send_source_dense"]
 
 
 def add_stats(total: TransferStats, part: TransferStats) -> None:
