@@ -8,14 +8,15 @@ import torch
 
 from wsync.engines.hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
 from wsync.patches import apply_inline, patch_digest, random_patch, reference_patch
+from wsync.publish.source import WeightSource
+from wsync.publish.wire import diff_source, send_patches, send_source_dense
 from wsync.schemas import TrainerInfo, TrainerStepResult
 from wsync.transfer.delta import Snapshot
-from wsync.transfer.dense import send_dense
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta, TransferStats, param_metas
-from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse, send_sparse
+from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse
 
 
 #: Patches the trainer keeps for sparse syncs; older ones must be re-prepared (or synced dense).
@@ -143,7 +144,7 @@ class TrainerCore:
                                f"{self.synced.keys() or 'none'}); sync dense first")
         self._sync_device()
         t0 = time.perf_counter()
-        patches = self.synced.diff(base_version, self.params)
+        patches, _ = diff_source(self.synced, base_version, self._source(), self.bucket_bytes or 1)
         self._sync_device()
         diff_s = time.perf_counter() - t0
         self._hold(patch_id, patches, target=self.version)
@@ -218,12 +219,13 @@ class TrainerCore:
                 va.trainer_close_group(group[1])
 
     def send_dense(self, group: str, bucket_bytes: int) -> TransferStats:
-        return send_dense(self._group(group, "wsync"), list(self.params.items()), bucket_bytes)
+        stats, _ = send_source_dense(self._group(group, "wsync"), self._source(), bucket_bytes)
+        return stats
 
     def send_sparse(self, group: str, patch_id: str, metas: list[SparseMeta]) -> TransferStats:
         """``bytes`` is the patch's payload (values + indices), whatever the encoding."""
         patches = self._patch(patch_id)
-        stats = send_sparse(self._group(group, "wsync"), patches, list(metas), self._current_params(patch_id))
+        stats = send_patches(self._group(group, "wsync"), patches, list(metas), self._current_params(patch_id))
         return TransferStats(bytes=payload_bytes(patches), wire_bytes=stats.wire_bytes, ms=stats.ms,
                              messages=stats.messages)
 
@@ -246,6 +248,10 @@ class TrainerCore:
         return TransferStats(bytes=nbytes, wire_bytes=nbytes, ms=ms, messages=2 * len(patches))
 
     # ---- helpers ------------------------------------------------------------------------
+    def _source(self) -> WeightSource:
+        """The trainer's parameters as a publish source: names as they are (they are checkpoint names)."""
+        return WeightSource(self.params, name_map=lambda name: name)
+
     def _require_model(self) -> None:
         if self.lm is None:
             raise TrainerError("trainer has no model loaded")
