@@ -14,7 +14,7 @@ from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 
-from . import comparisons, engines, errors, health, jobs, patches, results, sync, trainer
+from . import comparisons, engines, errors, events, health, jobs, patches, results, sync, trainer
 
 log = logging.getLogger("wsync")
 
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
         lost = store.fail_unfinished("the service restarted before this job finished")
         if lost:
             log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
-        runner = JobRunner(store)
+        runner = JobRunner(events.observe(app, store))  # job writes publish on app.state.events
         fleet = Fleet(settings, store, runner.locks)
         if start_fleet:
             fleet.start()
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
     errors.install(app)
+    events.install(app)
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app
