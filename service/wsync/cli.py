@@ -19,6 +19,7 @@ from wsync_client._core import DEFAULT_BASE_URL
 from wsync_client.errors import APIConnectionError, APIStatusError, InvalidRequestError
 from wsync_client.local import READY_TIMEOUT_S, LocalServer, ServerStartError
 
+from .cli_follow import Display
 from .report import format_report, passed
 
 ClientFactory = Callable[[str], Client]
@@ -91,20 +92,11 @@ def _job_text(job: JobInfo) -> str:
     return text
 
 
-def _progress(json_mode: bool) -> Callable[[JobInfo], None]:
-    """on_poll callback: print new job events / state changes to stderr (humans only)."""
-    seen = {"events": 0, "state": None}
-
-    def on_poll(job: JobInfo) -> None:
-        if json_mode:
-            return
-        for ev in job.events[seen["events"]:]:
-            _err(f"[{job.id}] {ev.get('message', json.dumps(ev, default=str))}")
-        seen["events"] = len(job.events)
-        if job.state != seen["state"]:
-            seen["state"] = job.state
-            _err(f"[{job.id}] {job.state.value}")
-    return on_poll
+def _follow(args: argparse.Namespace, c: Client, job: JobInfo) -> JobInfo:
+    """Wait for a job through its event stream, showing progress (see cli_follow)."""
+    follow = getattr(args, "follow", False)
+    with Display(job.id, json_mode=args.json, follow=follow) as display:
+        return c.jobs.follow(job.id, timeout=args.timeout, on_event=display.on_event)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -163,8 +155,11 @@ def cmd_patch(args: argparse.Namespace, factory: ClientFactory) -> int:
 
 
 def _finish(args: argparse.Namespace, c: Client, job: JobInfo) -> int:
-    if args.wait:
-        job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    if args.wait or args.follow:
+        job = _follow(args, c, job)
+        if args.follow and args.json:  # JSON lines: the events, then the job
+            _out(job.model_dump_json())
+            return 0
     return _show(args, job, lambda: _job_text(job))
 
 
@@ -206,8 +201,7 @@ def _compare(args: argparse.Namespace, c: Client) -> int:
     job = c.comparisons.create(**fields)
     if getattr(args, "no_wait", False):
         return _show(args, job, lambda: f"{job.id} {job.state.value} (wsync job {job.id} --wait)")
-    _progress(args.json)(job)
-    job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    job = _follow(args, c, job)
     report = report_of(job)
     _show(args, report, lambda: format_report(report))
     return 0 if passed(report) else 1
@@ -246,12 +240,18 @@ def cmd_demo(args: argparse.Namespace, factory: ClientFactory) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsync", description="wsync weight-sync control plane")
     p.add_argument("--url", default=None, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    p.add_argument("--token", default=None, help="API token sent as a bearer token (default: $WSYNC_API_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     js = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the flag may sit at either level of a nested command (`engines --json list`).
     js.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    # --url / --token work before or after the sub-command (SUPPRESS: a later one overrides).
+    js.add_argument("--url", default=argparse.SUPPRESS, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    js.add_argument("--token", default=argparse.SUPPRESS, help="API token (default: $WSYNC_API_TOKEN)")
     wt = argparse.ArgumentParser(add_help=False)
-    wt.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    wt.add_argument("--wait", action="store_true", help="wait for the job to finish (progress bar on a terminal)")
+    wt.add_argument("--follow", action="store_true",
+                    help="wait, printing every job event as it happens (--json: one JSON object per line)")
     wt.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
 
     s = sub.add_parser("serve", help="run the HTTP service")
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--rows", type=int, default=None)
         c.add_argument("--max-new-tokens", type=int, default=None)
         c.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+        c.add_argument("--follow", action="store_true", help="print every job event as it happens")
 
     s = sub.add_parser("compare", parents=[js], help="dense vs sparse comparison (vLLM's rlhf_sparse_nccl)")
     compare_args(s)
@@ -329,7 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", parents=[js], help="start a server (unless --url), run a comparison, stop it")
     compare_args(s)
-    s.add_argument("--url", default=argparse.SUPPRESS, help="use this running service instead")
     s.add_argument("--port", type=int, default=None, help="port for the started server (default: a free one)")
     s.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
     s.set_defaults(func=cmd_demo)

@@ -126,3 +126,27 @@ def test_async_client_streams_live_events(server):
             return got
     got = asyncio.run(main())
     assert len(got) == 1 and got[0].kind == "sync.finished" and got[0].data["mode"] == "dense"
+
+
+def test_cli_follow_json_prints_event_lines_then_the_job(server, capsys):
+    from wsync import cli
+    import json as _json
+
+    gate = threading.Event()
+    job = _job(server, gate=gate)
+    threading.Timer(0.3, gate.set).start()
+    code = cli.main(["job", job.id, "--follow", "--json", "--url", server.url])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [_json.loads(line) for line in out]
+    assert code == 0 and rows[0]["kind"] == "job.snapshot"
+    assert any(r.get("kind") == "job.event" and r["data"]["bytes_done"] == 5 for r in rows)
+    assert rows[-1]["id"] == job.id and rows[-1]["state"] == "succeeded"
+
+
+def test_cli_wait_human_lines_when_not_a_terminal(server, capsys):
+    from wsync import cli
+
+    job = _job(server)
+    code = cli.main(["job", job.id, "--wait", "--url", server.url])
+    cap = capsys.readouterr()
+    assert code == 0 and f"[{job.id}] succeeded" in cap.err and "dense sync" in cap.out

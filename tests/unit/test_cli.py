@@ -45,7 +45,9 @@ class Server:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        item = self.routes[(request.method, request.url.path)]
+        item = self.routes.get((request.method, request.url.path))
+        if item is None:  # e.g. the job event stream: the CLI falls back to polling
+            return httpx.Response(404, json={"error": {"type": "not_found", "message": "no route"}})
         if isinstance(item, list):
             item = item.pop(0) if len(item) > 1 else item[0]
         return item
