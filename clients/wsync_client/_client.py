@@ -122,7 +122,7 @@ class Client(_Surface):
             for ev in self._stream_events(events_call(job_id, timeout=timeout)):
                 if on_event is not None:
                     on_event(ev)
-                if ev.terminal:
+                if ev.terminal and ev.kind == "job.state":  # a terminal snapshot: the replay follows
                     break
         except NotFoundError:  # a server without the events route (or no such job: polling says so)
             return self._drive(self._wait_plan(job_id, timeout, 0.5, poll_as_events(on_event)))
@@ -196,7 +196,7 @@ class AsyncClient(_Surface):
             async for ev in self._stream_events(events_call(job_id, timeout=timeout)):
                 if on_event is not None:
                     on_event(ev)
-                if ev.terminal:
+                if ev.terminal and ev.kind == "job.state":  # a terminal snapshot: the replay follows
                     break
         except NotFoundError:
             return await self._drive(self._wait_plan(job_id, timeout, 0.5, poll_as_events(on_event)))

@@ -139,7 +139,7 @@ def test_cli_follow_json_prints_event_lines_then_the_job(server, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     rows = [_json.loads(line) for line in out]
     assert code == 0 and rows[0]["kind"] == "job.snapshot"
-    assert any(r.get("kind") == "job.event" and r["data"]["bytes_done"] == 5 for r in rows)
+    assert any(r.get("kind") == "job.event" and r["data"]["bytes_done"] == 5 for r in rows), rows
     assert rows[-1]["id"] == job.id and rows[-1]["state"] == "succeeded"
 
 
