@@ -14,7 +14,7 @@ from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 
-from . import comparisons, engines, errors, events, health, jobs, metrics, patches, results, sync, trainer
+from . import comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync, trainer
 
 log = logging.getLogger("wsync")
 
@@ -48,10 +48,11 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
             fleet.stop()
             store.close()
 
-    app = FastAPI(title="wsync", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
     errors.install(app)
     metrics.install(app, events.install(app))
+    dashboard.install(app)  # / and /docs from local assets
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app
