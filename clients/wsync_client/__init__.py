@@ -17,6 +17,8 @@ from ._resources import report_of
 from .local import LocalServer, ServerStartError
 from .errors import (
     APIConnectionError,
+    AuthenticationError,
+    PermissionDeniedError,
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
@@ -35,6 +37,6 @@ from .errors import (
 __all__ = [
     "__version__", "Client", "AsyncClient", "DEFAULT_BASE_URL", "DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT",
     "report_of", "ServerEvent", "LocalServer", "ServerStartError", "WsyncError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
-    "NotFoundError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
+    "NotFoundError", "AuthenticationError", "PermissionDeniedError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
     "APIResponseValidationError", "InvalidRequestError", "JobFailedError", "JobTimeoutError",
 ]

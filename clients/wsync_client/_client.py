@@ -80,10 +80,11 @@ class Client(_Surface):
         max_retries: int = DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
         *,
+        api_token: str | None = None,
         http_client: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, api_token)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(transport=transport, timeout=timeout)
         self._sleep = time.sleep
@@ -154,10 +155,11 @@ class AsyncClient(_Surface):
         max_retries: int = DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
         *,
+        api_token: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, api_token)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(transport=transport, timeout=timeout)
         self._sleep = asyncio.sleep

@@ -106,8 +106,14 @@ def cmd_serve(args: argparse.Namespace, _: ClientFactory) -> int:
 
     from .settings import get_settings
 
+    from .api.auth import is_loopback
+
     settings = get_settings()
-    uvicorn.run("wsync.api.app:create_app", factory=True, host=args.host or settings.host,
+    host = args.host or settings.host
+    if not is_loopback(host) and not settings.api_token:
+        _err(f"error: refusing to bind {host} (not loopback) without a token: set WSYNC_API_TOKEN")
+        return 2
+    uvicorn.run("wsync.api.app:create_app", factory=True, host=host,
                 port=args.port or settings.port, log_level=args.log_level)
     return 0
 
@@ -370,7 +376,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     explicit_url = getattr(args, "url", None)
     if args.command != "demo":
         args.url = explicit_url or os.environ.get("WSYNC_URL") or DEFAULT_BASE_URL
-    factory = client_factory or (lambda url: Client(base_url=url))
+    token = getattr(args, "token", None)
+    factory = client_factory or (lambda url: Client(base_url=url, api_token=token))
     try:
         return args.func(args, factory)
     except WsyncError as exc:

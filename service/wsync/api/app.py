@@ -14,7 +14,8 @@ from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 
-from . import comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync, trainer
+from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync,
+               trainer)
 
 log = logging.getLogger("wsync")
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
     errors.install(app)
+    auth.install(app, settings)  # before any router: guards every route
     metrics.install(app, events.install(app))
     dashboard.install(app)  # / and /docs from local assets
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
