@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
+from wsync import __version__
 from wsync.schemas import JobInfo, JobKind, SyncReport
 from wsync_client import Client, WsyncError, report_of
 from wsync_client._core import DEFAULT_BASE_URL
@@ -246,6 +247,7 @@ def cmd_demo(args: argparse.Namespace, factory: ClientFactory) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsync", description="wsync weight-sync control plane")
     p.add_argument("--url", default=None, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    p.add_argument("--version", action="version", version=f"wsync {__version__}")
     p.add_argument("--token", default=None, help="API token sent as a bearer token (default: $WSYNC_API_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     js = argparse.ArgumentParser(add_help=False)
@@ -363,7 +365,9 @@ def _error_line(exc: BaseException) -> str:
     if isinstance(exc, APIStatusError):
         return f"error: {exc}"  # "<status> <type>: <message> (field=..., request_id=...)"
     if isinstance(exc, APIConnectionError):
-        return f"error: connection: {exc.message}"
+        url = getattr(getattr(exc, "request", None), "url", None)
+        where = f"{url.scheme}://{url.netloc.decode()}" if url is not None else "the service URL"
+        return f"error: connection: {exc.message}\nis `wsync serve` running at {where}?"
     if isinstance(exc, InvalidRequestError):
         return f"error: invalid request: {exc.message}" + (f" (field={exc.field})" if exc.field else "")
     return f"error: {exc}"
