@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, TypeVar
 
 import httpx
 
 from wsync.schemas import Health, JobInfo
 
-from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, APICall, BaseClient, Plan, run_async, run_sync
-from ._resources import Comparisons, Engines, Jobs, Patches, Results, Sync, Trainer, bind_resources
+from ._core import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, APICall, BaseClient, Plan, backoff_delay, run_async,
+                    run_sync)
+from ._events import ServerEvent, SSEDecoder, events_call, finished, poll_as_events, should_reconnect, stream_request
+from .errors import APIConnectionError, NotFoundError, status_error_from_response
+from ._resources import Comparisons, Engines, Events, Jobs, Patches, Results, Sync, Trainer, bind_resources
 
 T = TypeVar("T")
 _NOT_GIVEN: Any = object()
@@ -30,6 +33,7 @@ class _Surface(BaseClient):
     comparisons: Comparisons
     jobs: Jobs
     results: Results
+    events: Events
     _owns_http: bool
 
     def health(self) -> Health:
@@ -76,16 +80,54 @@ class Client(_Surface):
         max_retries: int = DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
         *,
+        api_token: str | None = None,
         http_client: httpx.Client | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, api_token)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(transport=transport, timeout=timeout)
         self._sleep = time.sleep
 
     def _drive(self, plan: Plan[T]) -> T:
         return run_sync(plan, self._http.send, self._sleep)
+
+    def _stream_events(self, call: APICall) -> Iterator[ServerEvent]:
+        """Iterate an SSE stream; a dropped connection is resumed with Last-Event-ID."""
+        dec, attempt = SSEDecoder(), 0
+        while True:
+            try:
+                resp = self._http.send(stream_request(self, call, dec.last_id), stream=True)
+                try:
+                    if not resp.is_success:
+                        resp.read()
+                        raise status_error_from_response(resp)
+                    attempt = 0
+                    for line in resp.iter_lines():
+                        if (ev := dec.feed(line)) is not None:
+                            yield ev
+                    if (ev := dec.feed("")) is not None:
+                        yield ev
+                    return
+                finally:
+                    resp.close()
+            except httpx.TransportError as exc:
+                if not should_reconnect(exc, attempt, self.max_retries):
+                    raise APIConnectionError(f"GET {call.path}: {type(exc).__name__}: {exc}") from exc
+                self._sleep(backoff_delay(attempt))
+                attempt += 1
+
+    def _follow(self, job_id: Any, timeout: float | None,
+                on_event: Callable[[ServerEvent], None] | None) -> JobInfo:
+        try:
+            for ev in self._stream_events(events_call(job_id, timeout=timeout)):
+                if on_event is not None:
+                    on_event(ev)
+                if ev.terminal and ev.kind == "job.state":  # a terminal snapshot: the replay follows
+                    break
+        except NotFoundError:  # a server without the events route (or no such job: polling says so)
+            return self._drive(self._wait_plan(job_id, timeout, 0.5, poll_as_events(on_event)))
+        return finished(self.jobs.get(job_id), timeout)
 
     def close(self) -> None:
         if self._owns_http:
@@ -113,16 +155,54 @@ class AsyncClient(_Surface):
         max_retries: int = DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
         *,
+        api_token: str | None = None,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, max_retries, headers)
+        super().__init__(base_url, timeout, max_retries, headers, api_token)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(transport=transport, timeout=timeout)
         self._sleep = asyncio.sleep
 
     def _drive(self, plan: Plan[T]) -> Any:  # -> Awaitable[T]
         return run_async(plan, self._http.send, self._sleep)
+
+    async def _stream_events(self, call: APICall) -> AsyncIterator[ServerEvent]:
+        """`Client._stream_events` with awaitable I/O."""
+        dec, attempt = SSEDecoder(), 0
+        while True:
+            try:
+                resp = await self._http.send(stream_request(self, call, dec.last_id), stream=True)
+                try:
+                    if not resp.is_success:
+                        await resp.aread()
+                        raise status_error_from_response(resp)
+                    attempt = 0
+                    async for line in resp.aiter_lines():
+                        if (ev := dec.feed(line)) is not None:
+                            yield ev
+                    if (ev := dec.feed("")) is not None:
+                        yield ev
+                    return
+                finally:
+                    await resp.aclose()
+            except httpx.TransportError as exc:
+                if not should_reconnect(exc, attempt, self.max_retries):
+                    raise APIConnectionError(f"GET {call.path}: {type(exc).__name__}: {exc}") from exc
+                await self._sleep(backoff_delay(attempt))
+                attempt += 1
+
+    async def _follow(self, job_id: Any, timeout: float | None,
+                      on_event: Callable[[ServerEvent], None] | None) -> JobInfo:
+        try:
+            async for ev in self._stream_events(events_call(job_id, timeout=timeout)):
+                if on_event is not None:
+                    on_event(ev)
+                if ev.terminal and ev.kind == "job.state":  # a terminal snapshot: the replay follows
+                    break
+        except NotFoundError:
+            return await self._drive(self._wait_plan(job_id, timeout, 0.5, poll_as_events(on_event)))
+        return finished(await self.jobs.get(job_id), timeout)
 
     async def close(self) -> None:
         if self._owns_http:

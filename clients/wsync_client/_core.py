@@ -155,6 +155,7 @@ class BaseClient:
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
+        api_token: str | None = None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -162,6 +163,9 @@ class BaseClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.headers: dict[str, str] = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        token = api_token or os.environ.get("WSYNC_API_TOKEN")
+        if token and "Authorization" not in self.headers:
+            self.headers["Authorization"] = f"Bearer {token}"
         self._clock = time.monotonic
         from ._resources import bind_resources  # late: resources import this module
 

@@ -30,12 +30,13 @@ from wsync.schemas import (
 )
 
 from ._core import APICall, Plan, build_body, path_param
+from ._events import ServerEvent, events_call
 from .errors import APIResponseValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._core import BaseClient
 
-__all__ = ["Engines", "Trainer", "Patches", "Sync", "Comparisons", "Jobs", "Results", "bind_resources"]
+__all__ = ["Engines", "Trainer", "Patches", "Sync", "Comparisons", "Jobs", "Results", "Events", "bind_resources"]
 
 
 def _ids(value: str | Iterable[str]) -> list[str]:
@@ -164,6 +165,23 @@ class Jobs(_Resource):
         `on_poll(job)` is called with every JobInfo fetched (progress display)."""
         return self._client._drive(self._client._wait_plan(job_id, timeout, poll_interval, on_poll))
 
+    def follow(self, job_id: str, timeout: float | None = None,
+               on_event: Callable[[ServerEvent], None] | None = None) -> JobInfo:
+        """Like `wait`, driven by the job's event stream (GET /v1/jobs/{id}/events): `on_event` sees
+        the snapshot, every progress event and state change as they happen. Polls instead on a
+        server without the events route. On AsyncClient: an awaitable."""
+        return self._client._follow(job_id, timeout, on_event)
+
+
+class Events(_Resource):
+    def stream(self, job_id: str | None = None, kinds: Iterable[str] | None = None,
+               max_events: int | None = None, timeout: float | None = None) -> Any:
+        """Iterate server events (GET /v1/events, or one job's): ServerEvent objects, resumed with
+        Last-Event-ID after a dropped connection. `kinds` filters (e.g. ["sync.finished"]);
+        `max_events` / `timeout` make the server end the stream. Client: an iterator; AsyncClient:
+        an async iterator."""
+        return self._client._stream_events(events_call(job_id, kinds=kinds, max_events=max_events, timeout=timeout))
+
 
 class Results(_Resource):
     def list(self, kind: str | None = None, limit: int = 50, offset: int = 0) -> Page[ResultInfo]:
@@ -190,3 +208,4 @@ def bind_resources(client: "BaseClient") -> None:
     client.comparisons = Comparisons(client)
     client.jobs = Jobs(client)
     client.results = Results(client)
+    client.events = Events(client)

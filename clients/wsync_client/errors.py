@@ -95,6 +95,14 @@ class NotFoundError(APIStatusError):
     pass
 
 
+class AuthenticationError(APIStatusError):
+    """401: no bearer token (set WSYNC_API_TOKEN or pass api_token=)."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the bearer token is wrong."""
+
+
 class ConflictError(APIStatusError):
     pass
 
@@ -152,6 +160,8 @@ class JobTimeoutError(WsyncError):
 
 _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
     422: UnprocessableEntityError,

@@ -13,12 +13,14 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel
 
+from wsync import __version__
 from wsync.schemas import JobInfo, JobKind, SyncReport
 from wsync_client import Client, WsyncError, report_of
 from wsync_client._core import DEFAULT_BASE_URL
 from wsync_client.errors import APIConnectionError, APIStatusError, InvalidRequestError
 from wsync_client.local import READY_TIMEOUT_S, LocalServer, ServerStartError
 
+from .cli_follow import Display
 from .report import format_report, passed
 
 ClientFactory = Callable[[str], Client]
@@ -91,20 +93,11 @@ def _job_text(job: JobInfo) -> str:
     return text
 
 
-def _progress(json_mode: bool) -> Callable[[JobInfo], None]:
-    """on_poll callback: print new job events / state changes to stderr (humans only)."""
-    seen = {"events": 0, "state": None}
-
-    def on_poll(job: JobInfo) -> None:
-        if json_mode:
-            return
-        for ev in job.events[seen["events"]:]:
-            _err(f"[{job.id}] {ev.get('message', json.dumps(ev, default=str))}")
-        seen["events"] = len(job.events)
-        if job.state != seen["state"]:
-            seen["state"] = job.state
-            _err(f"[{job.id}] {job.state.value}")
-    return on_poll
+def _follow(args: argparse.Namespace, c: Client, job: JobInfo) -> JobInfo:
+    """Wait for a job through its event stream, showing progress (see cli_follow)."""
+    follow = getattr(args, "follow", False)
+    with Display(job.id, json_mode=args.json, follow=follow) as display:
+        return c.jobs.follow(job.id, timeout=args.timeout, on_event=display.on_event)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -114,8 +107,14 @@ def cmd_serve(args: argparse.Namespace, _: ClientFactory) -> int:
 
     from .settings import get_settings
 
+    from .api.auth import is_loopback
+
     settings = get_settings()
-    uvicorn.run("wsync.api.app:create_app", factory=True, host=args.host or settings.host,
+    host = args.host or settings.host
+    if not is_loopback(host) and not settings.api_token:
+        _err(f"error: refusing to bind {host} (not loopback) without a token: set WSYNC_API_TOKEN")
+        return 2
+    uvicorn.run("wsync.api.app:create_app", factory=True, host=host,
                 port=args.port or settings.port, log_level=args.log_level)
     return 0
 
@@ -163,8 +162,11 @@ def cmd_patch(args: argparse.Namespace, factory: ClientFactory) -> int:
 
 
 def _finish(args: argparse.Namespace, c: Client, job: JobInfo) -> int:
-    if args.wait:
-        job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    if args.wait or args.follow:
+        job = _follow(args, c, job)
+        if args.follow and args.json:  # JSON lines: the events, then the job
+            _out(job.model_dump_json())
+            return 0
     return _show(args, job, lambda: _job_text(job))
 
 
@@ -206,8 +208,7 @@ def _compare(args: argparse.Namespace, c: Client) -> int:
     job = c.comparisons.create(**fields)
     if getattr(args, "no_wait", False):
         return _show(args, job, lambda: f"{job.id} {job.state.value} (wsync job {job.id} --wait)")
-    _progress(args.json)(job)
-    job = c.wait(job.id, timeout=args.timeout, on_poll=_progress(args.json))
+    job = _follow(args, c, job)
     report = report_of(job)
     _show(args, report, lambda: format_report(report))
     return 0 if passed(report) else 1
@@ -246,12 +247,19 @@ def cmd_demo(args: argparse.Namespace, factory: ClientFactory) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsync", description="wsync weight-sync control plane")
     p.add_argument("--url", default=None, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    p.add_argument("--version", action="version", version=f"wsync {__version__}")
+    p.add_argument("--token", default=None, help="API token sent as a bearer token (default: $WSYNC_API_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     js = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the flag may sit at either level of a nested command (`engines --json list`).
     js.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
+    # --url / --token work before or after the sub-command (SUPPRESS: a later one overrides).
+    js.add_argument("--url", default=argparse.SUPPRESS, help=f"service URL (default: $WSYNC_URL or {DEFAULT_BASE_URL})")
+    js.add_argument("--token", default=argparse.SUPPRESS, help="API token (default: $WSYNC_API_TOKEN)")
     wt = argparse.ArgumentParser(add_help=False)
-    wt.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    wt.add_argument("--wait", action="store_true", help="wait for the job to finish (progress bar on a terminal)")
+    wt.add_argument("--follow", action="store_true",
+                    help="wait, printing every job event as it happens (--json: one JSON object per line)")
     wt.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
 
     s = sub.add_parser("serve", help="run the HTTP service")
@@ -321,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--rows", type=int, default=None)
         c.add_argument("--max-new-tokens", type=int, default=None)
         c.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+        c.add_argument("--follow", action="store_true", help="print every job event as it happens")
 
     s = sub.add_parser("compare", parents=[js], help="dense vs sparse comparison (vLLM's rlhf_sparse_nccl)")
     compare_args(s)
@@ -329,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", parents=[js], help="start a server (unless --url), run a comparison, stop it")
     compare_args(s)
-    s.add_argument("--url", default=argparse.SUPPRESS, help="use this running service instead")
     s.add_argument("--port", type=int, default=None, help="port for the started server (default: a free one)")
     s.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
     s.set_defaults(func=cmd_demo)
@@ -357,7 +365,9 @@ def _error_line(exc: BaseException) -> str:
     if isinstance(exc, APIStatusError):
         return f"error: {exc}"  # "<status> <type>: <message> (field=..., request_id=...)"
     if isinstance(exc, APIConnectionError):
-        return f"error: connection: {exc.message}"
+        url = getattr(getattr(exc, "request", None), "url", None)
+        where = f"{url.scheme}://{url.netloc.decode()}" if url is not None else "the service URL"
+        return f"error: connection: {exc.message}\nis `wsync serve` running at {where}?"
     if isinstance(exc, InvalidRequestError):
         return f"error: invalid request: {exc.message}" + (f" (field={exc.field})" if exc.field else "")
     return f"error: {exc}"
@@ -370,7 +380,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory | None
     explicit_url = getattr(args, "url", None)
     if args.command != "demo":
         args.url = explicit_url or os.environ.get("WSYNC_URL") or DEFAULT_BASE_URL
-    factory = client_factory or (lambda url: Client(base_url=url))
+    token = getattr(args, "token", None)
+    factory = client_factory or (lambda url: Client(base_url=url, api_token=token))
     try:
         return args.func(args, factory)
     except WsyncError as exc:

@@ -45,7 +45,9 @@ class Server:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        item = self.routes[(request.method, request.url.path)]
+        item = self.routes.get((request.method, request.url.path))
+        if item is None:  # e.g. the job event stream: the CLI falls back to polling
+            return httpx.Response(404, json={"error": {"type": "not_found", "message": "no route"}})
         if isinstance(item, list):
             item = item.pop(0) if len(item) > 1 else item[0]
         return item
@@ -212,3 +214,20 @@ def test_demo_with_url_and_with_started_server(capsys, monkeypatch):
     code, out, _ = run(capsys, ["demo", "--port", "9999", "--json"], srv)
     assert code == 0 and json.loads(out)["ok"] is True
     assert events == ["start", ("ready", 300.0), "stop"] and srv.requests[0].url.port == 9999
+
+
+def test_version_flag(capsys):
+    from wsync import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"wsync {__version__}"
+
+
+def test_connection_refused_hints_at_wsync_serve(capsys):
+    def refuse(request):
+        raise httpx.ConnectError("refused")
+
+    code = cli.main(["jobs", "--url", "http://127.0.0.1:9"],
+                    client_factory=lambda url: Client(url, transport=httpx.MockTransport(refuse), max_retries=0))
+    assert code == 2 and "is `wsync serve` running at http://127.0.0.1:9?" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import comparisons, engines, errors, health, jobs, patches, results, sync, trainer
+from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync,
+               trainer)
 
 log = logging.getLogger("wsync")
 
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         lost = store.fail_unfinished("the service restarted before this job finished")
         if lost:
             log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
-        runner = JobRunner(store)
+        runner = JobRunner(events.observe(app, store))  # job writes publish on app.state.events
         fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings))
         if start_fleet:
             fleet.start()
@@ -53,9 +54,12 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
             fleet.stop()
             store.close()
 
-    app = FastAPI(title="wsync", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
     errors.install(app)
+    auth.install(app, settings)  # before any router: guards every route
+    metrics.install(app, events.install(app))
+    dashboard.install(app)  # / and /docs from local assets
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app
