@@ -10,15 +10,29 @@ import json
 
 import pytest
 import torch
-
 from wsync.transfer.encodings import SparsePatch
-from wsync.transfer.flat import flatten_params
 from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.ipc import (
-    BufferHandle, IpcDeviceError, IpcError, IpcExport, IpcMapping, IpcStaleLayoutError, LayoutEntry, layout_digest,
-    layout_of, local_index, plan_copies,
+    BufferHandle,
+    IpcDeviceError,
+    IpcError,
+    IpcExport,
+    IpcMapping,
+    IpcStaleLayoutError,
+    LayoutEntry,
+    layout_digest,
+    layout_of,
+    local_index,
+    plan_copies,
 )
-from wsync.transfer.ipc_sparse import StagingMapping, in_range, read_staging, staging_layout, write_staging
+from wsync.transfer.ipc_sparse import (
+    StagingMapping,
+    in_range,
+    read_staging,
+    staging_layout,
+    write_staging,
+)
 from wsync.transfer.meta import param_metas
 from wsync.transfer.sparse import plan_sparse
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from bench.shapes import fused_tensors, get_shape, hf_metas, make_weights, runtime_layout
-from wsync.engines.vllm_ipc import IPC_EXTENSION_QUALNAME, IpcReceiveMixin, WsyncIpcWorkerExtension
+from wsync.engines.vllm_ipc import (
+    IPC_EXTENSION_QUALNAME,
+    IpcReceiveMixin,
+    WsyncIpcWorkerExtension,
+)
 from wsync.transfer.encodings import SparsePatch
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
@@ -16,6 +18,14 @@ from wsync.transfer.ipc import IpcMapping, IpcStaleLayoutError
 from wsync.transfer.ipc_sparse import StagingMapping, staging_layout, write_staging
 from wsync.transfer.meta import param_metas
 from wsync.transfer.sparse import plan_sparse
+
+from bench.shapes import (
+    fused_tensors,
+    get_shape,
+    hf_metas,
+    make_weights,
+    runtime_layout,
+)
 
 from .test_transfer_ipc import GPU0, FakeIpc
 

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +38,23 @@ import torch
 from .meta import dtype_name, torch_dtype
 
 __all__ = [
-    "IpcError", "IpcDeviceError", "IpcStaleLayoutError", "LayoutEntry", "BufferHandle", "IpcExport",
-    "layout_of", "layout_digest", "local_index", "device_uuids", "check_allocator", "share_storage",
-    "open_storage", "IpcExporter", "CopyPlan", "plan_copies", "IpcMapping",
+    "BufferHandle",
+    "CopyPlan",
+    "IpcDeviceError",
+    "IpcError",
+    "IpcExport",
+    "IpcExporter",
+    "IpcMapping",
+    "IpcStaleLayoutError",
+    "LayoutEntry",
+    "check_allocator",
+    "device_uuids",
+    "layout_digest",
+    "layout_of",
+    "local_index",
+    "open_storage",
+    "plan_copies",
+    "share_storage",
 ]
 
 
@@ -49,7 +63,7 @@ class IpcError(RuntimeError):
 
 
 class IpcDeviceError(IpcError):
-    """The handle comes from a GPU this process cannot address as the same physical device."""
+    """The handle comes from another GPU than the one this process needs."""
 
 
 class IpcStaleLayoutError(IpcError):
@@ -73,7 +87,7 @@ class LayoutEntry:
         return [self.name, self.bucket, self.offset, self.numel, self.dtype, list(self.shape)]
 
     @classmethod
-    def from_list(cls, v: Sequence) -> "LayoutEntry":
+    def from_list(cls, v: Sequence) -> LayoutEntry:
         name, bucket, offset, numel, dtype, shape = v
         return cls(str(name), int(bucket), int(offset), int(numel), dtype_name(torch_dtype(dtype)),
                    tuple(int(s) for s in shape))
@@ -102,7 +116,7 @@ class BufferHandle:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "BufferHandle":
+    def from_dict(cls, d: Mapping) -> BufferHandle:
         b = {k: (base64.b64decode(d[k]) if isinstance(d[k], str) else bytes(d[k] or b"")) for k in _BIN}
         return cls(int(d["device"]), b["handle"], int(d["size_bytes"]), int(d["offset_bytes"]),
                    b["ref_counter_handle"], int(d["ref_counter_offset"]), b["event_handle"],
@@ -141,7 +155,7 @@ class IpcExport:
                 "export_id": self.export_id, "event": ev}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "IpcExport":
+    def from_dict(cls, d: Mapping) -> IpcExport:
         ev = d.get("event") or b""
         out = cls(str(d["uuid"]), [BufferHandle.from_dict(b) for b in d["buffers"]], [int(s) for s in d["sizes"]],
                   [LayoutEntry.from_list(e) for e in d["layout"]], str(d["digest"]), str(d["export_id"]),
@@ -218,7 +232,7 @@ def open_storage(h: BufferHandle, device: int) -> torch.UntypedStorage:
 
 def _u8(storage: torch.UntypedStorage) -> torch.Tensor:
     """The whole storage as a 1-D uint8 tensor (shares it)."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),))
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),), (1,))
 
 
 # ---- trainer side -----------------------------------------------------------------------------------
@@ -265,84 +279,13 @@ class IpcExporter:
             torch.cuda.current_stream().synchronize()
 
     def close(self) -> None:
-        self._export, self._key, self._storages, self._event = None, None, [], None
+        self.params, self._export, self._key, self._storages, self._event = {}, None, None, [], None
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()
 
 
 # ---- engine side --------------------------------------------------------------------------------------
-_WIDE = (torch.int64, torch.int32, torch.int16, torch.uint8)
-
-
-def _widest(nbytes: int, *offsets: int) -> torch.dtype:
-    for dt in _WIDE:
-        if nbytes % dt.itemsize == 0 and all(o % dt.itemsize == 0 for o in offsets):
-            return dt
-    return torch.uint8
-
-
-@dataclass
-class CopyPlan:
-    """Precomputed (dst, src) views grouped by element width: `run()` is one `_foreach_copy_` per group."""
-
-    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
-    copies: int = 0
-    tensors: int = 0
-    bytes: int = 0
-
-    def run(self) -> None:
-        for dsts, srcs in self.groups.values():
-            try:
-                torch._foreach_copy_(dsts, srcs)
-            except (AttributeError, NotImplementedError, RuntimeError):
-                for d, s in zip(dsts, srcs):
-                    d.copy_(s)
-
-
-def _dst_bytes(name: str, t: torch.Tensor, e: LayoutEntry) -> tuple[torch.UntypedStorage, int]:
-    t = t.detach()
-    if not t.is_contiguous() or dtype_name(t.dtype) != e.dtype or tuple(t.shape) != e.shape:
-        raise IpcError(f"{name}: target {dtype_name(t.dtype)}{list(t.shape)} (contiguous={t.is_contiguous()}) "
-                       f"does not match the trainer's {e.dtype}{list(e.shape)}")
-    st = t.untyped_storage()
-    return st, t.data_ptr() - st.data_ptr()
-
-
-def plan_copies(layout: Sequence[LayoutEntry], sources: Sequence[torch.Tensor],
-                targets: Mapping[str, torch.Tensor], skip: Sequence[str] = ()) -> CopyPlan:
-    """Copies of every layout entry (except `skip`) from `sources[bucket]` (uint8) into `targets[name]`;
-    neighbours that are contiguous on both sides (same bucket, same target storage) merge into one copy,
-    so a target laid out like the trainer's buckets costs one copy per bucket. Every target must exist."""
-    skipped = set(skip)
-    missing = [e.name for e in layout if e.name not in targets and e.name not in skipped]
-    if missing:
-        raise IpcError(f"no target for {len(missing)} trainer tensors, e.g. {missing[:3]}")
-    runs: list[list] = []  # [bucket, src_off, dst_storage, dst_off, nbytes]
-    plan = CopyPlan()
-    for e in layout:
-        if e.name in skipped or e.numel == 0:
-            continue
-        st, off = _dst_bytes(e.name, targets[e.name], e)
-        if e.offset + e.nbytes > sources[e.bucket].numel():
-            raise IpcError(f"{e.name}: bytes [{e.offset}, {e.offset + e.nbytes}) beyond buffer {e.bucket}")
-        last = runs[-1] if runs else None
-        if (last and last[0] == e.bucket and last[1] + last[4] == e.offset
-                and last[2].data_ptr() == st.data_ptr() and last[3] + last[4] == off):
-            last[4] += e.nbytes
-        else:
-            runs.append([e.bucket, e.offset, st, off, e.nbytes])
-        plan.tensors += 1
-        plan.bytes += e.nbytes
-    for bucket, src_off, st, dst_off, n in runs:
-        dt = _widest(n, src_off, dst_off, sources[bucket].data_ptr() % 16, st.data_ptr() % 16)
-        src = sources[bucket][src_off:src_off + n].view(dt)
-        dst = _u8(st)[dst_off:dst_off + n].view(dt)
-        dsts, srcs = plan.groups.setdefault(dt, ([], []))
-        dsts.append(dst)
-        srcs.append(src)
-    plan.copies = len(runs)
-    return plan
-
+from .ipc_plan import CopyPlan, plan_copies
 
 Opener = Callable[[BufferHandle, int], torch.UntypedStorage]
 
@@ -381,7 +324,7 @@ class IpcMapping:
                 raise IpcError(f"opened IPC buffer has {st.nbytes()} bytes, the export says {size}")
         self.buffers = [_u8(st)[:size] for st, size in zip(storages, export.sizes)]
         if export.event:
-            self.event = torch.cuda.Event.from_ipc_handle(index, export.event)
+            self.event = torch.cuda.Event.from_ipc_handle(torch.device("cuda", index), export.event)
         self.export = export
         return True
 
@@ -395,7 +338,6 @@ class IpcMapping:
 
     def drop_plans(self) -> None:
         self._plans.clear()
-
     def check(self, export_id: str) -> None:
         if self.export is None or export_id != self.export.export_id:
             raise IpcStaleLayoutError(f"sync prepared for trainer export {export_id}, mapped "

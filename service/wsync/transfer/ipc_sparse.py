@@ -24,11 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from .encodings import FLAT, SparseMeta, SparsePatch, decode_many
-from .ipc import BufferHandle, IpcError, IpcStaleLayoutError, check_allocator, device_uuids, local_index, \
-    open_storage, share_storage
+from .ipc import (
+    BufferHandle,
+    IpcError,
+    IpcStaleLayoutError,
+    check_allocator,
+    device_uuids,
+    local_index,
+    open_storage,
+    share_storage,
+)
 from .sparse import pack_stream, stream_layout
 
-__all__ = ["staging_layout", "write_staging", "read_staging", "in_range", "IpcStaging", "StagingMapping"]
+__all__ = ["IpcStaging", "StagingMapping", "in_range", "read_staging", "staging_layout", "write_staging"]
 ALIGN = 8
 GRANULE = 2 << 20
 
@@ -146,6 +154,7 @@ class IpcStaging:
         """Plain data the engine maps with `StagingMapping.ensure` (binary fields as bytes)."""
         if self.buf is None:
             self.ensure(1)
+        assert self.buf is not None
         if self._handle is None:
             h = share_storage(self.buf.untyped_storage())
             uuid = str(torch.cuda.get_device_properties(self.device).uuid)
@@ -161,6 +170,7 @@ class IpcStaging:
               params: Mapping[str, torch.Tensor] | None = None) -> tuple[int, bool]:
         """(bytes written, whether the buffer was re-allocated: send `export()` to the engine first)."""
         grew = self.ensure(staging_layout(metas).total)
+        assert self.buf is not None
         return write_staging(self.buf, metas, patches, params), grew
 
     def close(self) -> None:
@@ -187,7 +197,7 @@ class StagingMapping:
         size = int(export["size"])
         if st.nbytes() < size:
             raise IpcError(f"opened staging buffer has {st.nbytes()} bytes, the export says {size}")
-        self.buf = torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (size,))
+        self.buf = torch.empty(0, dtype=torch.uint8, device=st.device).set_(st, 0, (size,), (1,))
         self.staging_id = str(export["staging_id"])
         return True
 
