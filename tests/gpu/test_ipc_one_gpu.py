@@ -26,60 +26,66 @@ MIB = 1 << 20
 TIMEOUT_S = 120
 
 
-def _consumer(conn) -> None:
-    """The engine process: plain-data commands in, plain-data results out."""
+def _handle(state: dict, cmd: str, args) -> dict:
+    """One command of the engine process. Runs in its own frame, so no view of the trainer's memory
+    outlives it except what the mapping itself keeps (a lingering view would keep the trainer's memory)."""
     from wsync.transfer.apply import apply_patches
     from wsync.transfer.encodings import SparseMeta
     from wsync.transfer.fingerprint import fingerprint
-    from wsync.transfer.ipc import IpcExport, IpcMapping
-    from wsync.transfer.ipc_sparse import StagingMapping, in_range
+    from wsync.transfer.ipc import IpcExport
+    from wsync.transfer.ipc_sparse import in_range
+
+    mapping, staging, targets = state["mapping"], state["staging"], state["targets"]
+    t0 = time.perf_counter()
+    if cmd == "map":
+        exp = IpcExport.from_dict(args)
+        if not targets:
+            targets.update({e.name: torch.zeros(e.shape, dtype=getattr(torch, e.dtype), device="cuda")
+                            for e in exp.layout})
+        before = torch.cuda.memory_allocated()
+        remapped = mapping.ensure(exp)
+        plan = mapping.plan(targets)
+        mapping.copy(exp.export_id, plan)
+        torch.cuda.synchronize()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "remapped": remapped, "copies": plan.copies,
+                "alloc_delta": torch.cuda.memory_allocated() - before, "fp": fingerprint(targets)}
+    if cmd == "dense":
+        mapping.check(args)
+        mapping.copy(args, mapping.plan(targets))
+        torch.cuda.synchronize()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "fp": fingerprint(targets)}
+    if cmd == "staging":
+        return {"remapped": staging.ensure(args)}
+    if cmd == "sparse":
+        staging_id, metas = args
+        metas = [SparseMeta.from_dict(m) for m in metas]
+        patches = [p for p in staging.patches(staging_id, metas) if p.count]
+        assert in_range(patches, [targets[p.name].numel() for p in patches])
+        apply_patches(targets, patches)
+        torch.cuda.synchronize()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "fp": fingerprint(targets)}
+    if cmd == "close":
+        before = torch.cuda.memory_allocated()
+        mapping.close()
+        staging.close()
+        return {"alloc_before": before, "alloc_after": torch.cuda.memory_allocated()}
+    raise ValueError(cmd)
+
+
+def _consumer(conn) -> None:
+    """The engine process: plain-data commands in, plain-data results out."""
+    from wsync.transfer.ipc import IpcMapping
+    from wsync.transfer.ipc_sparse import StagingMapping
 
     torch.cuda.set_device(0)
-    mapping, staging = IpcMapping(torch.device("cuda", 0)), StagingMapping(0)
-    targets: dict[str, torch.Tensor] = {}
+    state = {"mapping": IpcMapping(torch.device("cuda", 0)), "staging": StagingMapping(0), "targets": {}}
     while True:
         cmd, args = conn.recv()
+        if cmd == "exit":
+            conn.send(("ok", None))
+            return
         try:
-            if cmd == "exit":
-                conn.send(("ok", None))
-                return
-            if cmd == "map":
-                exp = IpcExport.from_dict(args)
-                if not targets:
-                    targets = {e.name: torch.zeros(e.shape, dtype=getattr(torch, e.dtype), device="cuda")
-                               for e in exp.layout}
-                before = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
-                remapped = mapping.ensure(exp)
-                plan = mapping.plan(targets)
-                mapping.copy(exp.export_id, plan)
-                torch.cuda.synchronize()
-                out = {"ms": (time.perf_counter() - t0) * 1e3, "remapped": remapped, "copies": plan.copies,
-                       "alloc_delta": torch.cuda.memory_allocated() - before, "fp": fingerprint(targets)}
-            elif cmd == "dense":
-                t0 = time.perf_counter()
-                mapping.copy(args, mapping.plan(targets))
-                torch.cuda.synchronize()
-                out = {"ms": (time.perf_counter() - t0) * 1e3, "fp": fingerprint(targets)}
-            elif cmd == "staging":
-                out = {"remapped": staging.ensure(args)}
-            elif cmd == "sparse":
-                staging_id, metas = args
-                metas = [SparseMeta.from_dict(m) for m in metas]
-                t0 = time.perf_counter()
-                patches = [p for p in staging.patches(staging_id, metas) if p.count]
-                assert in_range(patches, [targets[p.name].numel() for p in patches])
-                apply_patches(targets, patches)
-                torch.cuda.synchronize()
-                out = {"ms": (time.perf_counter() - t0) * 1e3, "fp": fingerprint(targets)}
-            elif cmd == "close":
-                before = torch.cuda.memory_allocated()
-                mapping.close()
-                staging.close()
-                out = {"alloc_before": before, "alloc_after": torch.cuda.memory_allocated()}
-            else:
-                raise ValueError(cmd)
-            conn.send(("ok", out))
+            conn.send(("ok", _handle(state, cmd, args)))
         except Exception as exc:  # noqa: BLE001 - reported to the trainer
             conn.send(("error", {"type": type(exc).__name__, "msg": str(exc), "tb": traceback.format_exc()}))
 
@@ -195,6 +201,7 @@ def test_ipc_one_gpu_dense_sparse_stale_foreign_and_release(use_event):
         # a handle naming another GPU
         foreign = new.to_dict()
         foreign["uuid"] = "GPU-00000000-0000-0000-0000-000000000000"
+        foreign["export_id"] = ""  # a consistent export of another GPU (the id hashes the uuid)
         err = engine.call("map", foreign, expect_error="IpcDeviceError")
         report["foreign_error"] = err["msg"]
         # release: the trainer drops its buffers while the engine still maps them, then the engine closes

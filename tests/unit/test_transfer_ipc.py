@@ -112,6 +112,15 @@ def test_export_is_plain_data_and_round_trips():
         IpcExport.from_dict(raw)
 
 
+def test_tampered_handle_refused():
+    raw = FakeIpc().export(flat_model()).to_dict()
+    raw["buffers"][0]["handle"] = b"another allocation"
+    with pytest.raises(IpcError, match="export_id"):
+        IpcExport.from_dict(raw)
+    raw["export_id"] = ""  # no id given: recomputed from the content
+    assert IpcExport.from_dict(raw).export_id
+
+
 def test_new_handles_same_layout_new_export_id():
     fake, params = FakeIpc(), flat_model()
     a, b = fake.export(params), fake.export(params)
