@@ -47,3 +47,15 @@ def test_mutate_patches_changes_exactly_the_patched_elements():
         changed = (flat.view(torch.int16) != old.view(torch.int16)).nonzero().view(-1)
         assert torch.equal(changed, p.indices.long()) and p.count > 0
         assert torch.isfinite(flat.float()).all()
+
+
+def test_report_renders_the_one_gpu_section(tmp_path):
+    from bench import report
+
+    missing = "\n".join(report.render([tmp_path / "h200x1.json"], tmp_path / "B.md").splitlines())
+    assert "## One GPU (H200)" in missing and "Not run yet" in missing and "| target" not in missing
+    main(["--cpu-smoke", str(tmp_path)])
+    (tmp_path / "h200x1.json").write_text((tmp_path / "h200x1-smoke.json").read_text())
+    text = report.render([tmp_path / "h200x1.json"], tmp_path / "B.md")
+    assert "| wsync colocated dense, steady | 2.00 | 20.00 |" in text
+    assert "| 0.5B dense <= vLLM ipc / 10 | yes | 2.00 vs 11.00 |" in text

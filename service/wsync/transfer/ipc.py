@@ -21,6 +21,9 @@ Lifetime: the trainer keeps the buffers alive while exported; `IpcMapping.close(
 mapping (torch closes the IPC handles and releases its reference counts) and the trainer's
 `IpcExporter.close()` + `torch.cuda.ipc_collect()` then frees memory the trainer already dropped.
 Needs PyTorch's default CUDA allocator (expandable segments off); `check_allocator()` says so clearly.
+One export, one consumer: torch counts each `_share_cuda_` once and each consumer's close decrements it,
+so an export mapped by two engines could free memory one of them still maps; give each engine its own
+`IpcExporter` (an export that is never opened keeps a buffer the trainer frees in limbo until exit).
 """
 
 from __future__ import annotations
