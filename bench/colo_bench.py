@@ -134,6 +134,11 @@ def _run_shape(args: argparse.Namespace, shape: str, deadline: float, out: Path)
             proc.wait(timeout=30)
             log.write("\n[driver] killed at the deadline\n")
         reader.join(timeout=10)
+        try:  # leftovers of the shape's process group (e.g. an engine core that outlived its parent)
+            os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(3)  # let the driver release the GPU memory before the next shape starts
+        except ProcessLookupError:
+            pass
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {"sections": {}, "errors": {}}
     raw.setdefault("errors", {})
     if proc.returncode not in (0, None):
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     raws: dict[str, dict] = {}
     for i, shape in enumerate(shapes):
         left = end - time.time()
-        share = left if i == len(shapes) - 1 else min(left * 0.38, 300.0)
+        share = left if i == len(shapes) - 1 else min(left * 0.42, 300.0)
         raws[shape] = _run_shape(args, shape, time.time() + share - 50, out)
         write(out, args.name, assemble(raws, gpus_of(raws), date), raws)
     result = assemble(raws, gpus_of(raws), date)

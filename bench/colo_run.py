@@ -365,6 +365,13 @@ def main(cfg_path: str) -> int:
         run.section("vllm_packed", lambda: run.vllm_ipc(True))
     run.raw["finished"] = time.time()
     run.save()
+    if run.llm is not None:  # best effort, bounded: the driver kills the process group anyway
+        import threading
+
+        core = getattr(getattr(run.llm, "llm_engine", None), "engine_core", None)
+        stopper = threading.Thread(target=getattr(core, "shutdown", lambda: None), daemon=True)
+        stopper.start()
+        stopper.join(timeout=20)
     print(f"[{cfg['shape']}] done; errors: {sorted(run.raw['errors'])}", flush=True)
     sys.stdout.flush()
     os._exit(0)  # no engine teardown: nothing is measured after it, and the process exit frees the GPU
