@@ -228,6 +228,11 @@ def render(paths: list[Path], doc: Path) -> str:
              "not this page). Issue #4: sync at link speed, dense and sparse, against vLLM and the NCCL floor.",
              ""]
     for path in paths:
+        if path.name.startswith("h200x1"):  # issue 10's one-GPU result has its own schema
+            from bench.colo_report import render_one_gpu
+
+            lines += render_one_gpu(path) + [""]
+            continue
         if not path.exists():
             lines += [f"## {path.name}: not run yet", "", f"`{path}` does not exist yet; see the commands below.", ""]
             continue
