@@ -15,7 +15,7 @@ METHOD = """\
 Trainer in the driver process (random bf16 weights of the shape, laid out flat in 512 MiB dense
 buckets by `transfer/flat.py`); one vLLM 0.24.0 engine on the same GPU, engine core in its own
 process (V1 multiprocessing, spawn), `load_format="dummy"` from a config-only folder,
-`worker_extension_cls=wsync.engines.vllm_ipc.WsyncIpcWorkerExtension`, weight-transfer backend `ipc`.
+`worker_extension_cls=wsync.engines.vllm.worker.WsyncWorkerExtension`, weight-transfer backend `ipc`.
 Each shape runs in a fresh process (`bench/colo_run.py`). End to end = host wall time from an idle GPU
 to the engine's return, steady = median after the warm-ups; every sync is checked: the engine's
 runtime fingerprints must equal the trainer's weights laid out as vLLM holds them.

@@ -6,7 +6,7 @@ multiprocessing, spawn), loaded with dummy weights from a config-only folder (no
 Sections, in order (each recorded in the raw JSON as it finishes; a failed section records its error and
 the run goes on while the engine answers):
   floor          torch._foreach_copy_ of every parameter into one flat buffer (the d2d copy floor)
-  engine         LLM start (worker_extension_cls=WsyncIpcWorkerExtension, weight_transfer backend "ipc")
+  engine         LLM start (worker_extension_cls=WsyncWorkerExtension, weight_transfer backend "ipc")
   wsync_dense    first = export + map + plan + copy; steady = mark_ready + one RPC of planned copies
   wsync_sparse   per density: plan + encode into the shared staging buffer + one RPC (decode + scatter)
   wsync_unmap    the engine drops its mappings; the trainer closes its exports
@@ -160,18 +160,18 @@ class Run:
 
     # ---- engine ----------------------------------------------------------------------------------
     def engine(self) -> dict:
-        from vllm import LLM
-        from vllm.config import WeightTransferConfig
-        from wsync.engines.vllm_ipc import IPC_EXTENSION_QUALNAME
+        from wsync.engines.vllm.detect import EXTENSION_QUALNAME
+        from wsync.engines.vllm.engine import create_llm
+        from wsync.engines.vllm.trainer import weight_transfer_config
 
         folder = write_config_folder(self.shape, Path(self.cfg["model_dir"]) / f"colo-{self.shape.name}")
         free0, total = torch.cuda.mem_get_info()
         t0 = time.perf_counter()
-        self.llm = LLM(model=str(folder), load_format="dummy", dtype="bfloat16", enforce_eager=True,
+        self.llm = create_llm(str(folder), load_format="dummy", dtype="bfloat16", enforce_eager=True,
                        gpu_memory_utilization=float(self.cfg["gpu_util"]), max_model_len=2048, max_num_seqs=8,
                        tensor_parallel_size=1, distributed_executor_backend="uni", seed=0,
-                       worker_extension_cls=IPC_EXTENSION_QUALNAME,
-                       weight_transfer_config=WeightTransferConfig(backend="ipc"))
+                       worker_extension_cls=EXTENSION_QUALNAME,
+                       weight_transfer_config=weight_transfer_config("ipc"))
         start_s = time.perf_counter() - t0
         metas = self.rpc("wsync_param_metas")
         return {"start_s": start_s, "runtime_params": len(metas), "free_before_gib": free0 / 2**30,
@@ -280,10 +280,7 @@ class Run:
 
     # ---- vLLM's own ipc backend ------------------------------------------------------------------
     def vllm_ipc(self, packed: bool) -> dict:
-        from vllm.distributed.weight_transfer.ipc_engine import (
-            IPCTrainerSendWeightsArgs,
-            IPCWeightTransferEngine,
-        )
+        from wsync.engines.vllm.trainer import vllm_ipc_send
 
         from .proto import mutate
 
@@ -292,15 +289,11 @@ class Run:
             self._wt_init = True
         largest = max(m.nbytes for m in self.metas)
         size = max(1 << 30, -(-largest // (256 * MIB)) * 256 * MIB)
-        extra = {"packed": True, "packed_buffer_size_bytes": size} if packed else {"packed": False}
-        args = IPCTrainerSendWeightsArgs(send_mode=lambda info: self.llm.update_weights({"update_info": asdict(info)}), **extra)
         sends: list[float] = []
 
         def one():
             self.llm.start_weight_update(is_checkpoint_format=True)
-            t0 = time.perf_counter()
-            IPCWeightTransferEngine.trainer_send_weights(iter(list(self.weights.items())), args)
-            sends.append((time.perf_counter() - t0) * 1e3)
+            sends.append(vllm_ipc_send(self.llm, self.weights.items(), packed=packed, buffer_bytes=size))
             self.llm.finish_weight_update()
 
         samples, mems = [], []

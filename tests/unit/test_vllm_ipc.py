@@ -1,4 +1,4 @@
-"""The vLLM worker side of the CUDA-IPC route (engines/vllm_ipc.py) on CPU: the REAL mixin methods over
+"""The vLLM worker side of the CUDA-IPC route (engines/vllm/ipc.py) on CPU: the REAL mixin methods over
 the fake vLLM worker (vLLM's Qwen2 runtime layout: fused qkv / gate_up), handles faked so the worker's
 copies read the trainer's own CPU buffers. Checked against the trainer by exact fingerprints."""
 
@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wsync.engines.vllm_ipc import (
-    IPC_EXTENSION_QUALNAME,
-    IpcReceiveMixin,
-    WsyncIpcWorkerExtension,
-)
+from wsync.engines.vllm.detect import EXTENSION_QUALNAME as IPC_EXTENSION_QUALNAME
+from wsync.engines.vllm.ipc import IpcReceiveMixin
+from wsync.engines.vllm.worker import WsyncWorkerExtension as WsyncIpcWorkerExtension
 from wsync.transfer.encodings import SparsePatch
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params
@@ -35,7 +33,7 @@ except ImportError:
     from bench.fake_vllm import FakeWorker
 
 
-class Worker(IpcReceiveMixin, FakeWorker):
+class Worker(FakeWorker):  # FakeWorker carries WsyncWorkerExtension, IpcReceiveMixin included
     pass
 
 

@@ -126,3 +126,23 @@ def trainer_close_group(group: TrainerGroup | None) -> None:
         if group.engine is not None and hasattr(group.engine, "shutdown"):
             group.engine.shutdown()
         group.engine = group.comm = None
+
+
+# ---- vLLM's own ipc backend (the one-GPU baseline the bench compares against) -------------------
+def vllm_ipc_send(llm, named_params: Iterable, *, packed: bool, buffer_bytes: int | None = None) -> float:
+    """One send through vLLM's own `ipc` weight-transfer backend into ``llm`` (an engine started with
+    WeightTransferConfig(backend="ipc") whose transfer engine is initialised): handles go through
+    `LLM.update_weights` (pickled: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 when the engine core runs in
+    its own process). The caller wraps it in start/finish_weight_update. Returns the send's ms."""
+    ipc = _vllm("vllm.distributed.weight_transfer.ipc_engine")
+    extra = {"packed": True, "packed_buffer_size_bytes": int(buffer_bytes)} if packed else {"packed": False}
+    args = ipc.IPCTrainerSendWeightsArgs(
+        send_mode=lambda info: llm.update_weights({"update_info": dataclasses.asdict(info)}), **extra)
+    t0 = time.perf_counter()
+    ipc.IPCWeightTransferEngine.trainer_send_weights(iter(list(named_params)), args)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def weight_transfer_config(backend: str):
+    """vllm.config.WeightTransferConfig(backend=...)."""
+    return _vllm("vllm.config").WeightTransferConfig(backend=backend)

@@ -9,7 +9,8 @@ class here:
   dense through model.load_weights (checkpoint/HF names), sparse received whole, checked, then
   index_copy_ into the runtime parameter (runtime names, TP=1); a bad patch leaves the model untouched.
   Serves dense into a 'sparse_nccl' engine (Gen B-D), where vLLM's engine takes no dense round.
-- DirectReceiveMixin (direct.py): wsync's own wire straight into the runtime parameters."""
+- DirectReceiveMixin (direct.py): wsync's own wire straight into the runtime parameters.
+- IpcReceiveMixin (ipc.py): CUDA IPC from a trainer on the same GPU, through the direct map."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from wsync.transfer.meta import dtype_name
 
 from .comm import communicator_of, current_stream, device_sync
 from .direct import DirectReceiveMixin
+from .ipc import IpcReceiveMixin
 
 
 class NativeWireMixin:
@@ -85,5 +87,5 @@ class NativeWireMixin:
 
 
 
-class WsyncWorkerExtension(DirectReceiveMixin, NativeWireMixin):
+class WsyncWorkerExtension(IpcReceiveMixin, DirectReceiveMixin, NativeWireMixin):
     """What vLLM loads as worker_extension_cls (see the module docstring)."""

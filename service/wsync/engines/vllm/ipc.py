@@ -28,12 +28,6 @@ from typing import Any
 
 import torch
 
-try:  # after the engines/vllm package split
-    from wsync.engines.vllm import WsyncWorkerExtension  # type: ignore[attr-defined]
-except ImportError:
-    from wsync.engines.vllm_adapter import WsyncWorkerExtension
-
-IPC_EXTENSION_QUALNAME = "wsync.engines.vllm_ipc.WsyncIpcWorkerExtension"
 DEFAULT_BUCKET_BYTES = 1 << 28  # only sizes the NCCL route's receiver; the IPC route ignores it
 
 
@@ -59,7 +53,7 @@ def _norm(metas) -> list[tuple]:
 
 
 class IpcReceiveMixin:
-    """Worker methods of the IPC route; mix in before WsyncWorkerExtension (see WsyncIpcWorkerExtension)."""
+    """Worker methods of the IPC route; one of WsyncWorkerExtension's mixins (worker.py)."""
 
     def _wsync_ipc_state(self) -> dict:
         st = getattr(self, "_wsync_ipc", None)
@@ -179,7 +173,3 @@ class IpcReceiveMixin:
         out["staging_id"] = st["staging"].staging_id if st else None
         return out
 
-
-class WsyncIpcWorkerExtension(IpcReceiveMixin, WsyncWorkerExtension):
-    """vLLM's `worker_extension_cls` for an engine that may receive over CUDA IPC (and every other wsync
-    route of WsyncWorkerExtension)."""
