@@ -180,7 +180,7 @@ def _why(r: dict, t: dict, absolute: bool) -> str:
                 f"+ send {ms(g('wsync_sparse_send_ms'))} + metadata, decode and apply; vLLM {ms(g('vllm_sparse_ms'))}")
     if name.startswith("wire"):
         enc = (r.get("auto_encodings") or {}).get(d)
-        return (f"{fmt(g('wire_bytes_per_changed_elem'), 5)} B/elem = 2 B bf16 value + delta gaps (16-bit once any gap "
+        return (f"{fmt(g('wire_bytes_per_changed_elem'), 5)} B/elem = 2 B bf16 value + gap-encoded indices (16-bit once any gap "
                 f"in a tensor reaches 256, which at density {d} is nearly certain) + 8-byte section alignment; "
                 f"encodings chosen per tensor: {enc}")
     return f"{fmt(t['value'])} vs bound {fmt(t['bound'])}"

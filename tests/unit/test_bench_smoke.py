@@ -86,7 +86,7 @@ def test_sparse_wire_of_the_bench_equals_send_sparse():
     cur = {n: t.clone() for n, t in old.items()}
     mutate(cur, 0.02, torch.Generator().manual_seed(1))
     patches = diff_patches(cur, old)
-    for encoding in ("auto", "flat_int32", "delta", "bitmask"):
+    for encoding in ("auto", "flat_int32", "gap", "bitmask"):
         sm, stream = build_sparse(patches, specs, encoding, cur, torch.device("cpu"))
         a, b = Recorder(), Recorder()
         send_sparse(a, patches, sm, cur)

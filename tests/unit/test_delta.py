@@ -117,7 +117,7 @@ def test_round_trip_through_every_wire_encoding():
     cur = mutate(old, 0.05, seed=3)
     patches = diff_patches(cur, old)
     specs = {n: TensorMeta.of(n, t) for n, t in cur.items()}
-    for enc in ("flat_int32", "delta", "bitmask", "auto"):
+    for enc in ("flat_int32", "gap", "bitmask", "auto"):
         metas = plan_sparse(patches, specs, enc, params=cur)
         target = {k: v.clone() for k, v in old.items()}
         for meta, patch in zip(metas, patches):

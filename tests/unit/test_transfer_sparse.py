@@ -97,7 +97,7 @@ def test_decoded_patch_matches_sorted_patch_bit_exact() -> None:
     spec = TensorMeta("w", "bfloat16", [50, 20])
     patch = random_patch("w", spec.shape, torch.bfloat16, 0.3, gen)
     order = torch.argsort(patch.indices.long())
-    for enc in ("delta", "bitmask"):
+    for enc in ("gap", "bitmask"):
         _, back = roundtrip(patch, spec, enc)
         assert torch.equal(back.indices, patch.indices[order])
         assert bits_equal(back.values, patch.values[order])
@@ -168,7 +168,7 @@ def test_auto_is_smallest_and_never_exceeds_dense(density: float, dtype: torch.d
     apply_patch(full, patch)  # the sender's tensor = baseline + patch
     meta, back = roundtrip(patch, spec, "auto", full)
     assert meta.nbytes <= spec.nbytes
-    for enc in ("delta", "bitmask"):
+    for enc in ("gap", "bitmask"):
         assert meta.nbytes <= plan_sparse([patch], {"w": spec}, enc)[0].nbytes
     target = base_tensor(spec.shape, dtype, 8)
     apply_patch(target, back)
@@ -187,10 +187,10 @@ def test_dense_of_partial_patch_needs_full_tensor() -> None:
 
 
 @pytest.mark.parametrize("gap,width", [(255, 1), (256, 2), (65535, 2), (65536, 4), (2_000_000, 4)])
-def test_delta_gap_widths(gap: int, width: int) -> None:
+def test_gap_widths(gap: int, width: int) -> None:
     spec = TensorMeta("w", "bfloat16", [gap + 2])
     patch = SparsePatch("w", torch.tensor([gap + 1, 0], dtype=torch.int32), torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
-    meta, back = roundtrip(patch, spec, "delta")
+    meta, back = roundtrip(patch, spec, "gap")
     assert meta.nbytes == 2 * (2 + width)
     assert back.indices.tolist() == [0, gap + 1]
 
@@ -202,7 +202,7 @@ def test_tensor_beyond_int32_rejected_without_allocating() -> None:
         for enc in ENCODINGS:
             with pytest.raises(ValueError, match="int32"):
                 plan_sparse([patch], {"huge": spec}, enc)
-        meta = SparseMeta("huge", "bfloat16", shape, 0, "delta", 0)
+        meta = SparseMeta("huge", "bfloat16", shape, 0, "gap", 0)
         with pytest.raises(ValueError, match="int32"):
             decode(meta, torch.empty(0, dtype=torch.uint8))
 
@@ -213,14 +213,14 @@ def test_plan_errors() -> None:
     with pytest.raises(ValueError, match="unknown encoding"):
         plan_sparse([patch], {"w": spec}, "zip")
     with pytest.raises(ValueError, match="no such"):
-        plan_sparse([patch], {}, "delta")
+        plan_sparse([patch], {}, "gap")
     dup = SparsePatch("w", torch.tensor([1, 1], dtype=torch.int32), torch.ones(2))
     with pytest.raises(ValueError, match="unique"):
         plan_sparse([dup], {"w": spec}, "auto")
 
 
 def test_meta_json_roundtrip_and_stream_layout() -> None:
-    metas = [SparseMeta("a", "bfloat16", [4, 4], 3, "delta", 9), SparseMeta("b", "float32", [5], 1, "flat_int32", 8),
+    metas = [SparseMeta("a", "bfloat16", [4, 4], 3, "gap", 9), SparseMeta("b", "float32", [5], 1, "flat_int32", 8),
              SparseMeta("c", "float32", [5], 5, "dense", 20)]
     again = [SparseMeta.from_dict(d) for d in json.loads(json.dumps([m.to_dict() for m in metas]))]
     assert again == metas
@@ -260,7 +260,7 @@ def test_cuda_encodings_match_cpu_bytes() -> None:
         for name, (shape, dtype) in SHAPES.items():
             patch = random_patch(name, shape, dtype, density, torch.Generator().manual_seed(11))
             validate_patches([patch.to(cuda)], specs)
-            for enc in ("flat_int32", "delta", "bitmask", "auto"):
+            for enc in ("flat_int32", "gap", "bitmask", "auto"):
                 (meta,) = plan_sparse([patch.to(cuda)], specs, enc)
                 assert meta == plan_sparse([patch], specs, enc)[0]
                 on_gpu = encode(patch.to(cuda), meta)

@@ -1,18 +1,27 @@
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from .common import ResponseModel, StrEnum, WireModel
 from .patches import TensorPatch
 
 
 class SparseEncoding(StrEnum):
+    """Sparse wire encodings (wsync.transfer.encodings). "gap" / "gap8" were called "delta" /
+    "delta8" before; "delta" now only means a trainer-state diff (SyncSparse.delta)."""
+
     flat_int32 = "flat_int32"
-    delta = "delta"
-    delta8 = "delta8"
+    gap = "gap"
+    gap8 = "gap8"
     bitmask = "bitmask"
     rows = "rows"
     auto = "auto"
+
+
+# Deprecated request spellings of the gap encodings, still accepted on the API.
+DEPRECATED_ENCODINGS = {"delta": SparseEncoding.gap, "delta8": SparseEncoding.gap8}
 
 
 class SyncDense(WireModel):
@@ -31,6 +40,11 @@ class SyncSparse(WireModel):
                         "serve (bit-exact, on the trainer's device) and send exactly what changed.")
     encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32, description="Wire encoding; flat_int32 is vLLM's.")
     verify: bool = True
+
+    @field_validator("encoding", mode="before")
+    @classmethod
+    def _deprecated_encoding(cls, v: Any) -> Any:
+        return DEPRECATED_ENCODINGS.get(v, v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _one_source(self) -> "SyncSparse":

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .enc_common import SparsePatch, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts
+from .encodings.common import SparsePatch, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts
 
 __all__ = ["apply_patch", "apply_patches"]
 BATCH_ON_CPU = False

@@ -4,8 +4,8 @@
 order). All other metas go in ONE packed uint8 stream after them; each tensor's section starts at
 an 8-byte aligned offset (zero padding), in metas order.
 
-Planning, packing and unpacking are batched over all tensors of a sync (see encodings.py and the
-enc_* modules): one host sync to plan (two when some patch is not ascending), none to pack the
+Planning, packing and unpacking are batched over all tensors of a sync (see the encodings
+subpackage): one host sync to plan (two when some patch is not ascending), none to pack the
 stream of patches just planned, one to unpack and check it.
 """
 
