@@ -20,7 +20,7 @@ from wsync.transfer.encodings import SparseMeta
 from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta
 from wsync.transfer.sparse import apply_patches, post_sparse
-from wsync.transfer.validate import validate_params
+from wsync.transfer.validate import check_metas
 
 from .proto import (
     CheckError, Clock, Peer, PeerError, build_sparse, check_equal, encoding_counts, fingerprints, mutate, send_sparse_wire,
@@ -243,7 +243,7 @@ def rx_setup_core(rx: Ctx, rdv: dict, metas: list[dict]) -> dict:
     rx.weights = named_params(lm)
     flatten_params(rx.weights, rx.cfg["bucket_bytes"])  # as the service's reference engine lays them out
     rx.metas = [TensorMeta.from_dict(m) for m in metas]
-    validate_params(rx.metas, rx.weights)
+    check_metas(rx.metas, rx.weights)
     rx.ready({"params": len(rx.weights)})
     rx.group = rx.data = open_group(Rendezvous.from_dict(rdv), 1, rx.device, rx.cfg["group_timeout_s"])
     rx.group.barrier()

@@ -6,11 +6,9 @@ import torch
 
 from wsync.errors import InvalidInput
 from wsync.schemas import TensorPatch
-from wsync.transfer.meta import TensorMeta
+from wsync.transfer.meta import INT32_MAX, INT32_MIN, TensorMeta
 from wsync.transfer.sparse import SparsePatch
 from wsync.transfer.validate import PatchValidationError, validate_patches
-
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 def inline_patches(patches: list[TensorPatch], specs: dict[str, dict], field: str = "patches") -> list[SparsePatch]:

@@ -1,4 +1,8 @@
-"""Service settings (pydantic-settings, env prefix ``WSYNC_``)."""
+"""Service settings (pydantic-settings, env prefix ``WSYNC_``).
+
+The Ray actors do not load these: the one knob they read, ``WSYNC_TORCH_THREADS`` (torch threads in a
+CPU actor, default 1), is read from the environment where it is used (``engines.hf.set_cpu_threads``).
+"""
 
 from __future__ import annotations
 
@@ -31,8 +35,6 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
     delta_snapshots: int = Field(default=1, ge=0, description="Weight versions the trainer keeps a device copy of, "
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
-    torch_threads: int = Field(default=1, ge=1, description="torch threads inside CPU actors.")
-    max_page: int = 200
 
     def resolved_database_url(self) -> str:
         if self.database_url:

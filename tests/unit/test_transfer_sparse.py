@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wsync.transfer import (
-    ENCODINGS, SparseMeta, SparsePatch, TensorMeta, apply_patch, apply_patches, decode, encode,
+    ENCODINGS, SparseMeta, SparsePatch, TensorMeta, apply_patch, apply_patches, decode, dtype_name, encode,
     payload_bytes, plan_sparse, stream_layout,
 )
 
@@ -44,7 +44,7 @@ def row_patch(name: str, shape: list[int], dtype: torch.dtype, rows: list[int], 
 
 
 def specs_for(names: dict) -> dict[str, TensorMeta]:
-    return {n: TensorMeta(n, str(dt).removeprefix("torch."), shape) for n, (shape, dt) in names.items()}
+    return {n: TensorMeta(n, dtype_name(dt), shape) for n, (shape, dt) in names.items()}
 
 
 def base_tensor(shape: list[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_auto_picks_rows_for_row_patches() -> None:
 @pytest.mark.parametrize("density", DENSITIES + [0.9, 0.97, 0.999])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_auto_is_smallest_and_never_exceeds_dense(density: float, dtype: torch.dtype) -> None:
-    spec = TensorMeta("w", str(dtype).removeprefix("torch."), [64, 50])
+    spec = TensorMeta("w", dtype_name(dtype), [64, 50])
     patch = random_patch("w", spec.shape, dtype, density, torch.Generator().manual_seed(6))
     full = base_tensor(spec.shape, dtype, 8)
     apply_patch(full, patch)  # the sender's tensor = baseline + patch
@@ -227,6 +227,13 @@ def test_meta_json_roundtrip_and_stream_layout() -> None:
     assert stream_layout(metas) == ([0, 16], 40)
     with pytest.raises(ValueError):
         SparseMeta("x", "float32", [1], 0, "auto", 0)
+
+
+def test_payload_bytes_of_metas_equals_payload_bytes_of_patches() -> None:
+    a = SparsePatch("a", torch.tensor([1, 3], dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16))
+    b = SparsePatch("b", torch.tensor([0], dtype=torch.int32), torch.ones(1, dtype=torch.float64))
+    metas = plan_sparse([a, b], {"a": TensorMeta("a", "bfloat16", [8]), "b": TensorMeta("b", "float64", [2])}, "gap")
+    assert payload_bytes(metas) == payload_bytes([a, b]) == 2 * 6 + 12
 
 
 def test_payload_bytes_is_vllm_sparse_payload() -> None:

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import REFERENCE_PROMPTS, ResponseModel, StrEnum, WireModel
+from .common import REFERENCE_PROMPTS, ResponseModel, StrEnum, WireModel, UtcDatetime
 
 
 class PatchKind(StrEnum):
@@ -67,7 +66,7 @@ class PatchTensorInfo(ResponseModel):
 class PatchInfo(ResponseModel):
     id: str
     kind: PatchKind
-    created_at: datetime
+    created_at: UtcDatetime
     base_version: str
     tensors: list[PatchTensorInfo]
     num_elements: int

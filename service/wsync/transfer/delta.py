@@ -21,7 +21,7 @@ from .encodings import SparsePatch
 from .meta import INT32_MAX
 from .sparse import apply_patch
 
-__all__ = ["diff_patches", "changed_counts", "Snapshot", "DeltaError"]
+__all__ = ["diff_patches", "Snapshot", "DeltaError"]
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -136,17 +136,6 @@ def diff_patches(current: _Named, synced: _Named, include_empty: bool = False) -
             idx = _indices(mask, count)
             out.append(SparsePatch(name, idx, _gather(cur, idx)))
     return out
-
-
-def changed_counts(current: _Named, synced: _Named) -> dict[str, int]:
-    """{name: elements whose bits differ} (same rules as `diff_patches`, one host sync)."""
-    cur_items, old = _items(current), dict(_items(synced))
-    pairs = []
-    for name, cur in cur_items:
-        _check_pair(name, cur, old.get(name))
-        pairs.append((name, cur.detach(), old[name].detach()))
-    with torch.no_grad():
-        return dict(zip((n for n, _, _ in pairs), _host_counts(_change_masks(pairs))))
 
 
 class Snapshot:

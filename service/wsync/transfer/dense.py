@@ -8,7 +8,7 @@ import torch
 
 from .group import Handle, SyncGroup
 from .meta import TensorMeta, Timer, TransferStats, bytes_view, first_device, param_metas, view_as_dtype
-from .validate import validate_params
+from .validate import check_metas
 
 __all__ = ["plan_buckets", "send_dense", "recv_dense", "DenseReceiver", "TransferStats"]
 
@@ -218,7 +218,7 @@ class DenseReceiver:
 
     def __init__(self, metas: Sequence[TensorMeta], bucket_bytes: int, params: Mapping[str, torch.Tensor],
                  device: torch.device | None = None) -> None:
-        validate_params(metas, params)
+        check_metas(metas, params)
         self.metas = list(metas)
         targets = [params[m.name].detach() for m in self.metas]
         self.device = first_device(targets, device or torch.device("cpu"))

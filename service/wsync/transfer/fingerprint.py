@@ -61,11 +61,6 @@ def fingerprint(named_tensors: Named) -> dict[str, str]:
         return {name: fingerprint_tensor(t) for name, t in items}
 
 
-def fingerprint_all(named_tensors: Named) -> str:
-    """sha256 over `name=fingerprint` lines, sorted by name."""
-    return digest(fingerprint(named_tensors))
-
-
 def digest(fingerprints: dict[str, str]) -> str:
     """sha256 of a fingerprint dict (as from `fingerprint`), order-independent."""
     h = hashlib.sha256()

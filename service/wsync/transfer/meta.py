@@ -9,7 +9,10 @@ from typing import Any, Iterable
 
 import torch
 
-INT32_MAX = 2**31 - 1
+#: THE int32 bounds: sparse indices are int32, so a tensor addresses at most INT32_MAX + 1 elements.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: Bytes of one sparse index on vLLM's wire (int32); see `sparse.payload_bytes`.
+INDEX_BYTES = 4
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -63,6 +66,11 @@ class TensorMeta:
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
         return cls(name, dtype_name(tensor.dtype), list(tensor.shape))
+
+
+def dense_payload_bytes(metas: Iterable[TensorMeta]) -> int:
+    """THE dense payload: every element of every tensor in its own dtype."""
+    return sum(m.nbytes for m in metas)
 
 
 def param_metas(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:

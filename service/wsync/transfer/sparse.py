@@ -22,7 +22,7 @@ from .encodings import (
 )
 from .apply import apply_patch, apply_patches
 from .group import Handle, SyncGroup
-from .meta import TensorMeta, Timer, TransferStats, first_device
+from .meta import INDEX_BYTES, TensorMeta, Timer, TransferStats, first_device
 
 __all__ = [
     "SparsePatch", "SparseMeta", "ENCODINGS", "plan_sparse", "send_sparse", "recv_sparse",
@@ -32,9 +32,11 @@ __all__ = [
 ALIGN = 8
 
 
-def payload_bytes(patches: Iterable[SparsePatch]) -> int:
-    """vLLM's sparse payload: int32 indices + values, per changed element."""
-    return sum(p.count * 4 + p.count * p.values.element_size() for p in patches)
+def payload_bytes(items: Iterable[SparsePatch | SparseMeta]) -> int:
+    """THE sparse payload (vLLM's sparse wire): an int32 index + a value in the param dtype per
+    changed element, whatever encoding actually carries it. Takes patches or their metas."""
+    return sum(x.count * (INDEX_BYTES + (x.values.element_size() if isinstance(x, SparsePatch) else x.spec.itemsize))
+               for x in items)
 
 
 def _plan_one(patch: SparsePatch, spec: TensorMeta, encoding: str, full_ok: bool,

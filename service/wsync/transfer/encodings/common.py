@@ -23,7 +23,6 @@ WIRE_ENCODINGS = (FLAT, GAP, GAP8, BITMASK, ROWS, DENSE)  # what a SparseMeta ma
 AUTO_ORDER = (GAP8, GAP, ROWS, BITMASK, DENSE)  # tie-break among equal sizes
 ESC = 255  # gap8 escape byte
 GAP_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # gap width -> wire dtype
-I32 = 2**31 - 1
 # Kernel batch budgets (read at call time through `kernel_budget`, so tests and benches may patch
 # them here). Indices handled by one batch of kernels bound the scratch memory. On CPU a small batch
 # keeps each temporary under glibc's mmap threshold (32 MiB), where a fresh mmap per call costs more

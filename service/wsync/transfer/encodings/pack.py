@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 
 from .common import (
-    BITMASK, GAP, GAP8, DENSE, ESC, FLAT, GAP_DTYPES, I32, ROWS, SparseMeta, SparsePatch, cat_parts,
+    BITMASK, DENSE, ESC, FLAT, GAP, GAP8, GAP_DTYPES, ROWS, SparseMeta, SparsePatch, cat_parts,
     check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, rows_cols, seg_starts,
 )
 from .stats import IndexStats, sorted_order, stats_for
-from ..meta import TensorMeta, bytes_view
+from ..meta import INT32_MAX, TensorMeta, bytes_view
 
 Item = tuple[SparsePatch, SparseMeta, "torch.Tensor | None"]
 
@@ -48,7 +48,7 @@ def _tails_escaped(s_list: Sequence[torch.Tensor], sizes: Sequence[int]) -> list
     last = torch.sub(g, k, alpha=ESC).to(torch.uint8)  # g % 255
     total = sum(sizes)
     k.add_(1)
-    ends = torch.cumsum(k, 0, dtype=torch.int32 if total < I32 else torch.int64)
+    ends = torch.cumsum(k, 0, dtype=torch.int32 if total < INT32_MAX else torch.int64)
     ends.sub_(1)  # where each element's final byte goes
     out = torch.full((total,), ESC, dtype=torch.uint8, device=xs.device)
     out.index_put_((ends,), last)
@@ -73,7 +73,7 @@ def _tails_bits(s_list: Sequence[torch.Tensor], numels: Sequence[int]) -> list[t
         counts = [int(s_list[i].numel()) for i in ids]
         nb = [nbytes[i] for i in ids]
         dev, total_bits, n = s_list[ids[0]].device, sum(nb) * 8, sum(counts)
-        small = total_bits < I32
+        small = total_bits < INT32_MAX
         (bases,) = device_ints(dev, [b * 8 for b in seg_starts(nb)[:-1]])
         pos = cat_parts([s_list[i] for i in ids]).to(torch.int32 if small else torch.int64)
         pos = pos + repeat_per_segment(bases.to(pos.dtype), counts, n)

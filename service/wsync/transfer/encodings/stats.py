@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..meta import INT32_MAX
 from .common import (
     ESC, cat_parts, chunk_ids, device_ints, flat_index, kernel_budget, repeat_per_segment, seg_starts,
 )
@@ -177,8 +178,8 @@ def _seg_stats_dev(xs_list: Sequence[torch.Tensor], cols: Sequence[int], escapes
 
 def _segmented_sort(xs_list: Sequence[torch.Tensor], maxes: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(ascending indices, permutation) of each segment: ONE sort of (segment, index) keys when the
-    indices are in [0, 2**31), else one sort per segment."""
-    if not all(0 <= m < 2**31 for m in maxes) or len(xs_list) == 1:
+    indices are in [0, INT32_MAX], else one sort per segment."""
+    if not all(0 <= m <= INT32_MAX for m in maxes) or len(xs_list) == 1:
         out = []
         for x in xs_list:
             s, perm = torch.sort(x)

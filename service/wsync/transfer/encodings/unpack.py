@@ -14,14 +14,14 @@ from typing import Sequence
 import torch
 
 from .common import (
-    BITMASK, GAP, GAP8, DENSE, ESC, FLAT, GAP_DTYPES, I32, ROWS, SparseMeta, SparsePatch, cat_parts,
+    BITMASK, DENSE, ESC, FLAT, GAP, GAP8, GAP_DTYPES, ROWS, SparseMeta, SparsePatch, cat_parts,
     check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts,
 )
-from ..meta import view_as_dtype
+from ..meta import INT32_MAX, view_as_dtype
 
 
 def _idx_dtype(bound: int) -> torch.dtype:
-    return torch.int32 if bound < I32 else torch.int64
+    return torch.int32 if bound < INT32_MAX else torch.int64
 
 
 def _nonzero(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
