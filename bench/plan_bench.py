@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{med['stream']:>8.1f} {med['plan'] + med['stream']:>8.1f} {med['decode']:>8.1f} "
                       f"{med['apply']:>8.1f} {wire / max(changed, 1):>7.3f}  "
                       + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ops, flush=True)
-            del current, patches
+            current = patches = None  # free before the next density
     print("# ms, best of --iters after one warm-up (min: other work on the machine only adds); "
           "build = plan + stream (send_sparse's build step)")
     return 0

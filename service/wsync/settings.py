@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     port: int = 8321
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite in cache_dir.")
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    default_model: str | None = Field(default=None, description="Model when a request names none; default: the embedded tiny model.")
+    default_model: str | None = Field(default=None,
+                                      description="Model when a request names none; default: the embedded tiny model.")
     ray_address: str | None = Field(default=None, description="Connect to this Ray cluster instead of starting one.")
     ray_num_cpus: int | None = Field(default=None, description="CPUs for a locally started Ray.")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="auto: cuda if Ray sees GPUs.")

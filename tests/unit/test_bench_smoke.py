@@ -14,10 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench import report, sync_bench  # noqa: E402
-from bench.proto import build_sparse, check_equal, CheckError, mutate, send_sparse_wire  # noqa: E402
+from bench.proto import CheckError, build_sparse, check_equal, mutate, send_sparse_wire  # noqa: E402
 from bench.shapes import (  # noqa: E402
-    SHAPES, fused_tensors, hf_metas, make_weights, runtime_layout, runtime_patches, runtime_shapes,
+    SHAPES,
+    fused_tensors,
+    hf_metas,
+    make_weights,
+    runtime_layout,
+    runtime_patches,
+    runtime_shapes,
 )
+
 from wsync.transfer.delta import diff_patches  # noqa: E402
 from wsync.transfer.sparse import apply_patch, send_sparse  # noqa: E402
 

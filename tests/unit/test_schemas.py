@@ -1,5 +1,7 @@
 """The sparse encoding names on the API: gap / gap8, with the old delta / delta8 spellings mapped."""
 
+from datetime import UTC
+
 import pytest
 from pydantic import ValidationError
 
@@ -28,10 +30,10 @@ def test_timestamps_serialize_in_one_utc_format() -> None:
 
     from wsync.schemas import JobInfo, iso_utc, utcnow
 
-    assert utcnow().tzinfo == timezone.utc
+    assert utcnow().tzinfo == UTC
     plus2 = datetime(2026, 12, 1, 12, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))
     naive = datetime(2026, 12, 1, 10, 0, 0, 5)  # as SQLite hands them back: taken as UTC
     assert iso_utc(plus2) == iso_utc(naive) == "2026-12-01T10:00:00.000005Z"
     job = JobInfo.model_validate({"id": "j-1", "kind": "sync_dense", "state": "queued", "created_at": plus2})
-    assert job.created_at == naive.replace(tzinfo=timezone.utc)
+    assert job.created_at == naive.replace(tzinfo=UTC)
     assert job.model_dump(mode="json")["created_at"] == "2026-12-01T10:00:00.000005Z"

@@ -1,8 +1,9 @@
 """Batched planning / encoding / decoding (the wsync.transfer.encodings subpackage) against a
 per-tensor reference.
 
-The reference (sparse_reference.py) is the previous implementation (one sort and host sync per tensor), kept so that the batched code must reproduce its statistics, its metas and its bytes exactly. The
-reference runs on CPU; the batched code runs on every device in DEVICES (CUDA when available), and its
+The reference (sparse_reference.py) is the previous implementation (one sort and host sync per
+tensor), kept so that the batched code must reproduce its statistics, its metas and its bytes
+exactly. The reference runs on CPU; the batched code runs on every device in DEVICES (CUDA when available), and its
 output is compared on CPU. On CUDA the host-sync tests also count synchronizing CUDA calls (torch's
 sync debug mode), so a hidden sync (nonzero, a blocking copy) fails them.
 """
@@ -15,15 +16,23 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from wsync.transfer.encodings import common as C
-from wsync.transfer.encodings import stats as ST
 from wsync.transfer import encodings as E
 from wsync.transfer import sparse as S
 from wsync.transfer.encodings import SparseMeta, SparsePatch, decode, encode
+from wsync.transfer.encodings import common as C
+from wsync.transfer.encodings import stats as ST
 from wsync.transfer.meta import TensorMeta, bytes_view
 from wsync.transfer.sparse import ALIGN, plan_sparse, stream_layout
 
-from .sparse_reference import ref_sorted, ref_rows_ok, ref_index_stats, ref_candidate_sizes, ref_plan_one, ref_encode, ref_decode
+from .sparse_reference import (
+    ref_candidate_sizes,
+    ref_decode,
+    ref_encode,
+    ref_index_stats,
+    ref_plan_one,
+    ref_rows_ok,
+    ref_sorted,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
@@ -547,7 +556,7 @@ def test_decode_many_across_devices_in_one_call(device: str) -> None:
     metas = plan_sparse(patches, specs, "auto")
     bufs = [encode(p, m) for p, m in zip(patches, metas)]
     moved = [b.to(device) if i % 2 else b for i, b in enumerate(bufs)]
-    for i, (p, m, back) in enumerate(zip(patches, metas, E.decode_many(metas, moved))):
+    for i, (m, back) in enumerate(zip(metas, E.decode_many(metas, moved))):
         assert_on(back.indices, device if i % 2 else "cpu")
         idx, vals = ref_decode(m, bufs[i])
         assert torch.equal(back.indices.cpu().long(), idx) and torch.equal(bits(back.values.cpu()), bits(vals))
@@ -622,7 +631,8 @@ def test_bitmask_ignores_bits_past_numel(device: str) -> None:
 def test_gpu_branches_on_cpu_match_reference(monkeypatch) -> None:
     """The branches taken off CPU (repeat_interleave with output_size, nonzero_static, device batch
     budgets) run here on CPU tensors, so their logic is checked even without a GPU."""
-    from wsync.transfer.encodings import pack as enc_pack, unpack as enc_unpack
+    from wsync.transfer.encodings import pack as enc_pack
+    from wsync.transfer.encodings import unpack as enc_unpack
 
     def repeat_as_on_gpu(values: torch.Tensor, counts, total: int) -> torch.Tensor:
         reps = torch.tensor(list(counts), dtype=torch.int64)

@@ -9,9 +9,25 @@ import torch
 import torch.multiprocessing as mp
 
 from wsync.transfer import (
-    ENCODINGS, PatchValidationError, Rendezvous, SparseMeta, SparsePatch, SyncGroup, TensorMeta, apply_patches,
-    digest, fingerprint, free_port, open_group, param_metas, plan_sparse, recv_dense,
-    recv_sparse_with_stats, send_dense, send_sparse, validate_patches,
+    ENCODINGS,
+    PatchValidationError,
+    Rendezvous,
+    SparseMeta,
+    SparsePatch,
+    SyncGroup,
+    TensorMeta,
+    apply_patches,
+    digest,
+    fingerprint,
+    free_port,
+    open_group,
+    param_metas,
+    plan_sparse,
+    recv_dense,
+    recv_sparse_with_stats,
+    send_dense,
+    send_sparse,
+    validate_patches,
 )
 
 BUCKET = 4096

@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from wsync.transfer import (
-    ENCODINGS, SparseMeta, SparsePatch, TensorMeta, apply_patch, apply_patches, decode, dtype_name, encode,
-    payload_bytes, plan_sparse, stream_layout,
+    ENCODINGS,
+    SparseMeta,
+    SparsePatch,
+    TensorMeta,
+    apply_patch,
+    apply_patches,
+    decode,
+    dtype_name,
+    encode,
+    payload_bytes,
+    plan_sparse,
+    stream_layout,
 )
 
 DENSITIES = [0.0, 1e-4, 0.01, 0.3, 1.0]
@@ -189,7 +199,8 @@ def test_dense_of_partial_patch_needs_full_tensor() -> None:
 @pytest.mark.parametrize("gap,width", [(255, 1), (256, 2), (65535, 2), (65536, 4), (2_000_000, 4)])
 def test_gap_widths(gap: int, width: int) -> None:
     spec = TensorMeta("w", "bfloat16", [gap + 2])
-    patch = SparsePatch("w", torch.tensor([gap + 1, 0], dtype=torch.int32), torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
+    patch = SparsePatch("w", torch.tensor([gap + 1, 0], dtype=torch.int32),
+                        torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
     meta, back = roundtrip(patch, spec, "gap")
     assert meta.nbytes == 2 * (2 + width)
     assert back.indices.tolist() == [0, gap + 1]

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from wsync.transfer import (
-    MetaMismatchError, PatchValidationError, SparseMeta, SparsePatch, TensorMeta, check_metas, validate_patches,
+    MetaMismatchError,
+    PatchValidationError,
+    SparseMeta,
+    SparsePatch,
+    TensorMeta,
+    check_metas,
+    validate_patches,
 )
 
 SPECS = {"w": TensorMeta("w", "bfloat16", [4, 5]), "b": TensorMeta("b", "float32", [3])}
@@ -79,7 +85,8 @@ def test_error_pickles() -> None:
 def test_check_metas() -> None:
     params = {"w": torch.zeros(4, 5, dtype=torch.bfloat16)}
     check_metas([SPECS["w"], SparseMeta("w", "torch.bfloat16", [4, 5], 2, "gap", 6)], params)
-    with pytest.raises(MetaMismatchError, match=r"^w: shape_match: receiver has bfloat16\[4, 5\], update says bfloat16\[5, 4\]"):
+    want = r"^w: shape_match: receiver has bfloat16\[4, 5\], update says bfloat16\[5, 4\]"
+    with pytest.raises(MetaMismatchError, match=want):
         check_metas([SparseMeta("w", "bfloat16", [5, 4], 2, "gap", 6)], params)
     for metas, rule in [([SPECS["b"]], "name_exists"), ([TensorMeta("w", "float32", [4, 5])], "dtype_match"),
                         ([TensorMeta("w", "bfloat16", [5, 4])], "shape_match")]:

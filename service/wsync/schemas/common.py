@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
 from typing import Annotated, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
@@ -55,12 +54,12 @@ class Health(ResponseModel):
 
 def utcnow() -> datetime:
     """THE clock of wsync's records: now, timezone-aware UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(dt: datetime) -> datetime:
     """Aware UTC; a naive datetime (as SQLite returns them) is taken to be UTC already."""
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def iso_utc(dt: datetime) -> str:
@@ -70,9 +69,5 @@ def iso_utc(dt: datetime) -> str:
 
 
 #: Every timestamp field of the wire models: stored aware UTC, serialized by `iso_utc`.
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc), PlainSerializer(iso_utc, return_type=str, when_used="json")]
-
-
-class StrEnum(str, Enum):
-    def __str__(self) -> str:  # pragma: no cover - cosmetic
-        return self.value
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc),
+                        PlainSerializer(iso_utc, return_type=str, when_used="json")]

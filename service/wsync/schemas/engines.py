@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
 
-from .common import ResponseModel, StrEnum, WireModel, UtcDatetime
+from .common import ResponseModel, UtcDatetime, WireModel
 
 
 class EngineKind(StrEnum):

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
 
-from .common import ResponseModel, StrEnum, UtcDatetime
+from .common import ResponseModel, UtcDatetime
 
 
 class JobState(StrEnum):

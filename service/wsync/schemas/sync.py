@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from .common import ResponseModel, StrEnum, WireModel
+from .common import ResponseModel, WireModel
 from .patches import TensorPatch
 
 
@@ -35,10 +36,12 @@ class SyncDense(WireModel):
 class SyncSparse(WireModel):
     engine_ids: list[str] = Field(min_length=1)
     patch_id: str | None = Field(default=None, description="A patch prepared with POST /v1/patches.")
-    patches: list[TensorPatch] | None = Field(default=None, description="Inline patches (applied to the trainer, then sent).")
+    patches: list[TensorPatch] | None = Field(default=None,
+                                               description="Inline patches (applied to the trainer, then sent).")
     delta: bool = Field(default=False, description="Diff the trainer's weights against the version the engines "
                         "serve (bit-exact, on the trainer's device) and send exactly what changed.")
-    encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32, description="Wire encoding; flat_int32 is vLLM's.")
+    encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32,
+                                     description="Wire encoding; flat_int32 is vLLM's.")
     verify: bool = True
 
     @field_validator("encoding", mode="before")
@@ -47,7 +50,7 @@ class SyncSparse(WireModel):
         return DEPRECATED_ENCODINGS.get(v, v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _one_source(self) -> "SyncSparse":
+    def _one_source(self) -> SyncSparse:
         if sum([self.patch_id is not None, bool(self.patches), self.delta]) != 1:
             raise ValueError("give exactly one of patch_id, patches or delta=true")
         return self

@@ -7,11 +7,21 @@ from .fingerprint import digest, fingerprint, fingerprint_tensor
 from .group import Rendezvous, SyncGroup, backend_for, free_port, open_group
 from .meta import TensorMeta, TransferStats, dtype_name, param_metas, torch_dtype
 from .sparse import (
-    apply_patch, apply_patches, payload_bytes, plan_sparse, recv_sparse, recv_sparse_with_stats,
-    send_sparse, stream_layout,
+    apply_patch,
+    apply_patches,
+    payload_bytes,
+    plan_sparse,
+    recv_sparse,
+    recv_sparse_with_stats,
+    send_sparse,
+    stream_layout,
 )
 from .validate import (
-    MetaMismatchError, PatchValidationError, check_metas, validate_params, validate_patches,
+    MetaMismatchError,
+    PatchValidationError,
+    check_metas,
+    validate_params,
+    validate_patches,
 )
 
 __all__ = [

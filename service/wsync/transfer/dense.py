@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ def _storage_view(tensors: Sequence[torch.Tensor], bucket: list[int], nbytes: in
             return None
         expected += t.numel() * t.element_size()
     start = first.data_ptr() - storage.data_ptr()
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,))
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,), (1,))
 
 
 def _is_direct(tensors: Sequence[torch.Tensor], bucket: list[int]) -> bool:
@@ -83,9 +83,10 @@ class _Slots:
 
     def buffer(self, slot: int) -> torch.Tensor:
         """The slot's whole buffer, allocated on first use."""
-        if self.bufs[slot] is None:
-            self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
-        return self.bufs[slot]
+        buf = self.bufs[slot]
+        if buf is None:
+            buf = self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+        return buf
 
     def take(self, nbytes: int) -> tuple[int, torch.Tensor]:
         slot = self.turn

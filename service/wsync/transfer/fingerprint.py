@@ -9,13 +9,13 @@ Only two int64 scalars per tensor reach the host.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from .meta import bytes_view, dtype_name
 
-Named = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 P = 2**31 - 1
 CHUNK_WORDS = 1 << 24  # bounds temporary memory to a few hundred MiB
 _MUL, _ADD = 1_000_003, 12_345

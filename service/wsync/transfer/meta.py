@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -60,11 +61,11 @@ class TensorMeta:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorMeta":
+    def from_dict(cls, d: dict[str, Any]) -> TensorMeta:
         return cls(name=d["name"], dtype=d["dtype"], shape=list(d["shape"]))
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorMeta:
         return cls(name, dtype_name(tensor.dtype), list(tensor.shape))
 
 
@@ -104,7 +105,7 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._sync()
         self._t0 = time.perf_counter()
         return self

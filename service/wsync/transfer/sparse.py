@@ -12,21 +12,35 @@ stream of patches just planned, one to unpack and check it.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .encodings import (
-    AUTO, AUTO_ORDER, DENSE, ENCODINGS, FLAT, IndexStats, SparseMeta, SparsePatch, check_numel, decode,
-    decode_many, encode, encode_pieces, encoded_sizes, plan_stats,
-)
 from .apply import apply_patch, apply_patches
+from .encodings import (
+    AUTO,
+    AUTO_ORDER,
+    DENSE,
+    ENCODINGS,
+    FLAT,
+    IndexStats,
+    SparseMeta,
+    SparsePatch,
+    check_numel,
+    decode,
+    decode_many,
+    encode,
+    encode_pieces,
+    encoded_sizes,
+    plan_stats,
+)
 from .group import Handle, SyncGroup
 from .meta import INDEX_BYTES, TensorMeta, Timer, TransferStats, first_device
 
 __all__ = [
     "SparsePatch", "SparseMeta", "ENCODINGS", "plan_sparse", "send_sparse", "recv_sparse",
-    "recv_sparse_with_stats", "post_sparse", "SparseReceive", "apply_patch", "apply_patches", "payload_bytes", "stream_layout",
+    "recv_sparse_with_stats", "post_sparse", "SparseReceive", "apply_patch", "apply_patches", "payload_bytes",
+    "stream_layout",
     "encode", "decode", "pack_stream",
 ]
 ALIGN = 8

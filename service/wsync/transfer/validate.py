@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +36,7 @@ class PatchValidationError(Exception):
         return {"tensor": self.tensor, "rule": self.rule, "message": self.message}
 
 
-def _host_checks(patch: "SparsePatch", specs: Mapping[str, TensorMeta], seen: set[str]) -> _Failure | None:
+def _host_checks(patch: SparsePatch, specs: Mapping[str, TensorMeta], seen: set[str]) -> _Failure | None:
     """Rules that need no device work, in contract order; the first failure or None."""
     name, idx, vals = patch.name, patch.indices, patch.values
     if name not in specs:
@@ -56,7 +57,7 @@ def _host_checks(patch: "SparsePatch", specs: Mapping[str, TensorMeta], seen: se
     return None
 
 
-def _device_flags(patch: "SparsePatch", numel: int) -> torch.Tensor:
+def _device_flags(patch: SparsePatch, numel: int) -> torch.Tensor:
     """[in_range, unique, finite] as a bool tensor on the patch's device (no host sync)."""
     idx, vals = patch.indices, patch.values
     ok_range = (idx >= 0).all()
@@ -82,11 +83,11 @@ def _messages(numel: int) -> dict[str, str]:
     }
 
 
-def validate_patches(patches: Sequence["SparsePatch"], specs: Mapping[str, TensorMeta]) -> None:
+def validate_patches(patches: Sequence[SparsePatch], specs: Mapping[str, TensorMeta]) -> None:
     """Raise PatchValidationError for the first broken rule (patches in order, rules in order)."""
     seen: set[str] = set()
-    checked: list["SparsePatch"] = []
-    host_failure: tuple["SparsePatch", _Failure] | None = None
+    checked: list[SparsePatch] = []
+    host_failure: tuple[SparsePatch, _Failure] | None = None
     for patch in patches:
         failure = _host_checks(patch, specs, seen)
         if failure is not None:
@@ -104,7 +105,7 @@ def validate_patches(patches: Sequence["SparsePatch"], specs: Mapping[str, Tenso
         raise PatchValidationError(patch.name, rule, message)
 
 
-def _all_device_flags(patches: Sequence["SparsePatch"], specs: Mapping[str, TensorMeta]) -> list[list[bool]]:
+def _all_device_flags(patches: Sequence[SparsePatch], specs: Mapping[str, TensorMeta]) -> list[list[bool]]:
     """Device-side flags of every patch, fetched with one host sync per device."""
     per_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, patch in enumerate(patches):

@@ -22,18 +22,31 @@ kernels per encoding, not per tensor; `decode_many` is one host sync (the index-
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..meta import TensorMeta
 from .common import (
-    AUTO, AUTO_ORDER, BITMASK, GAP, GAP8, DENSE, ENCODINGS, FLAT, ROWS, WIRE_ENCODINGS, SparseMeta,
-    SparsePatch, check_numel, gap_width, rows_cols,
+    AUTO,
+    AUTO_ORDER,
+    BITMASK,
+    DENSE,
+    ENCODINGS,
+    FLAT,
+    GAP,
+    GAP8,
+    ROWS,
+    WIRE_ENCODINGS,
+    SparseMeta,
+    SparsePatch,
+    check_numel,
+    gap_width,
+    rows_cols,
 )
 from .pack import encode_pieces
 from .stats import IndexStats, stats_for
 from .unpack import decode_many
-from ..meta import TensorMeta
 
 __all__ = [
     "FLAT", "GAP", "GAP8", "BITMASK", "ROWS", "DENSE", "AUTO", "ENCODINGS", "WIRE_ENCODINGS", "AUTO_ORDER",

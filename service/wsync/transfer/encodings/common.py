@@ -8,9 +8,10 @@ segment offsets, host ints -> device in one non-blocking copy, per-segment repea
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class SparsePatch:
     def count(self) -> int:
         return int(self.indices.numel())
 
-    def to(self, device: torch.device | str) -> "SparsePatch":
+    def to(self, device: torch.device | str) -> SparsePatch:
         return SparsePatch(self.name, self.indices.to(device), self.values.to(device))
 
 
@@ -76,7 +77,7 @@ class SparseMeta:
                 "encoding": self.encoding, "nbytes": self.nbytes}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SparseMeta":
+    def from_dict(cls, d: Mapping[str, Any]) -> SparseMeta:
         return cls(d["name"], d["dtype"], list(d["shape"]), int(d["count"]), d["encoding"], int(d["nbytes"]))
 
 

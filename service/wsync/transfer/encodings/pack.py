@@ -9,16 +9,32 @@ for patches just planned; otherwise one host sync per device).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..meta import INT32_MAX, TensorMeta, bytes_view
 from .common import (
-    BITMASK, DENSE, ESC, FLAT, GAP, GAP8, GAP_DTYPES, ROWS, SparseMeta, SparsePatch, cat_parts,
-    check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, rows_cols, seg_starts,
+    BITMASK,
+    DENSE,
+    ESC,
+    FLAT,
+    GAP,
+    GAP8,
+    GAP_DTYPES,
+    ROWS,
+    SparseMeta,
+    SparsePatch,
+    cat_parts,
+    check_numel,
+    chunk_ids,
+    device_ints,
+    kernel_budget,
+    repeat_per_segment,
+    rows_cols,
+    seg_starts,
 )
 from .stats import IndexStats, sorted_order, stats_for
-from ..meta import INT32_MAX, TensorMeta, bytes_view
 
 Item = tuple[SparsePatch, SparseMeta, "torch.Tensor | None"]
 
@@ -152,8 +168,9 @@ def _host_pieces(items: Sequence[Item], out: list[list[torch.Tensor] | None]) ->
                 out[i] = [idx_b, bytes_view(patch.values.contiguous()).to(idx_b.device)]
             else:
                 sorted_ids.append(i)
-            if out[i] is not None:
-                got = sum(int(p.numel()) for p in out[i])  # type: ignore[union-attr]
+            done = out[i]
+            if done is not None:
+                got = sum(p.numel() for p in done)
                 if got != meta.nbytes:
                     raise ValueError(f"{meta.name}: encoded {got} bytes, meta says {meta.nbytes}")
         except ValueError as exc:
@@ -221,5 +238,7 @@ def encode_pieces(items: Sequence[Item]) -> list[list[torch.Tensor]]:
         else:
             continue
         for i, piece in zip(ids, pieces):
-            out[i].append(piece.to(out[i][0].device))  # type: ignore[union-attr]
-    return out  # type: ignore[return-value]
+            have = out[i]
+            assert have is not None  # every sorted item got its values bytes above
+            have.append(piece.to(have[0].device))
+    return [p if p is not None else [] for p in out]

@@ -10,14 +10,22 @@ needs neither a sort nor a host sync.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from ..meta import INT32_MAX
 from .common import (
-    ESC, cat_parts, chunk_ids, device_ints, flat_index, kernel_budget, repeat_per_segment, seg_starts,
+    ESC,
+    cat_parts,
+    chunk_ids,
+    device_ints,
+    flat_index,
+    kernel_budget,
+    repeat_per_segment,
+    seg_starts,
 )
 
 BLOCK = 128  # block length of the batched statistics pass (each segment padded to whole blocks)

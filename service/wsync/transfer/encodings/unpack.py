@@ -9,15 +9,30 @@ there either).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .common import (
-    BITMASK, DENSE, ESC, FLAT, GAP, GAP8, GAP_DTYPES, ROWS, SparseMeta, SparsePatch, cat_parts,
-    check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts,
-)
 from ..meta import INT32_MAX, view_as_dtype
+from .common import (
+    BITMASK,
+    DENSE,
+    ESC,
+    FLAT,
+    GAP,
+    GAP8,
+    GAP_DTYPES,
+    ROWS,
+    SparseMeta,
+    SparsePatch,
+    cat_parts,
+    check_numel,
+    chunk_ids,
+    device_ints,
+    kernel_budget,
+    repeat_per_segment,
+    seg_starts,
+)
 
 
 def _idx_dtype(bound: int) -> torch.dtype:
