@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DENSE_KEYS = ("nccl_broadcast_ms", "vllm_dense_ms", "vllm_dense_first_ms", "wsync_dense_ms",
               "wsync_dense_first_ms", "wsync_dense_send_ms", "wsync_ref_dense_ms")

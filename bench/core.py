@@ -8,22 +8,32 @@ After every sync the receiver's fingerprints must equal the sender's (CheckError
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from wsync.engines.hf import named_params
 from wsync.transfer.delta import Snapshot
 from wsync.transfer.dense import DenseReceiver, send_dense
-from wsync.transfer.flat import flatten_params
 from wsync.transfer.encodings import SparseMeta
+from wsync.transfer.flat import flatten_params
 from wsync.transfer.group import Rendezvous, SyncGroup, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta
 from wsync.transfer.sparse import apply_patches, post_sparse
-from wsync.transfer.validate import validate_params
+from wsync.transfer.validate import check_metas
 
 from .proto import (
-    CheckError, Clock, Peer, PeerError, build_sparse, check_equal, encoding_counts, fingerprints, mutate, send_sparse_wire,
+    CheckError,
+    Clock,
+    Peer,
+    PeerError,
+    build_sparse,
+    check_equal,
+    encoding_counts,
+    fingerprints,
+    mutate,
+    send_sparse_wire,
     summarize,
 )
 from .shapes import build_reference_lm, get_shape, hf_metas, make_weights, total_bytes
@@ -67,7 +77,8 @@ class Ctx:
         self.peer.send("ready", info)
 
     def rdv(self, tag: str, backend: str | None = None) -> Rendezvous:
-        return Rendezvous("127.0.0.1", free_port(), 2, backend or backend_for(self.device), f"bench-{tag}-{os.getpid()}")
+        backend = backend or backend_for(self.device)
+        return Rendezvous("127.0.0.1", free_port(), 2, backend, f"bench-{tag}-{os.getpid()}")
 
 
 def summary(ctx: Ctx, samples: list[dict]) -> dict:
@@ -243,7 +254,7 @@ def rx_setup_core(rx: Ctx, rdv: dict, metas: list[dict]) -> dict:
     rx.weights = named_params(lm)
     flatten_params(rx.weights, rx.cfg["bucket_bytes"])  # as the service's reference engine lays them out
     rx.metas = [TensorMeta.from_dict(m) for m in metas]
-    validate_params(rx.metas, rx.weights)
+    check_metas(rx.metas, rx.weights)
     rx.ready({"params": len(rx.weights)})
     rx.group = rx.data = open_group(Rendezvous.from_dict(rdv), 1, rx.device, rx.cfg["group_timeout_s"])
     rx.group.barrier()

@@ -104,9 +104,9 @@ def count_ops(fn) -> tuple[int, int]:
     innermost aten ops that are not views/allocations (a copy or clone counts through its aten::copy_)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from wsync.transfer import enc_common
+    from wsync.transfer.encodings import common as enc_common
 
-    # batch as on a GPU (CPU batches are smaller, to dodge page faults; see enc_common.kernel_budget)
+    # batch as on a GPU (CPU batches are smaller, to dodge page faults; see encodings.common.kernel_budget)
     as_gpu = {"CHUNK_CPU": "CHUNK_DEVICE", "BITS_CHUNK_CPU": "BITS_CHUNK_DEVICE"}
     budgets = {k: getattr(enc_common, k) for k in as_gpu}
     for k in budgets:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="qwen2.5-0.5b")
     ap.add_argument("--scale", type=float, default=1.0, help="scale every tensor's first dim (default 1)")
     ap.add_argument("--densities", default="0.001,0.01,0.03")
-    ap.add_argument("--encodings", default="flat_int32,delta8,auto")
+    ap.add_argument("--encodings", default="flat_int32,gap8,auto")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{med['stream']:>8.1f} {med['plan'] + med['stream']:>8.1f} {med['decode']:>8.1f} "
                       f"{med['apply']:>8.1f} {wire / max(changed, 1):>7.3f}  "
                       + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ops, flush=True)
-            del current, patches
+            current = patches = None  # free before the next density
     print("# ms, best of --iters after one warm-up (min: other work on the machine only adds); "
           "build = plan + stream (send_sparse's build step)")
     return 0

@@ -7,7 +7,8 @@ from __future__ import annotations
 import statistics
 import time
 import traceback
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ class Clock:
         self.device = device
         self.t0 = 0.0
 
-    def start(self) -> "Clock":
+    def start(self) -> Clock:
         sync(self.device)
         self.t0 = time.perf_counter()
         return self

@@ -102,7 +102,8 @@ def _dense_table(r: dict, absolute: bool) -> list[str]:
         rows.append(("wsync dense -> vLLM engine (direct)", "wsync_dense_ms", "wsync_dense_first_ms"))
     rows += [("vLLM dense, unpacked", "vllm_dense_unpacked_ms", "vllm_dense_unpacked_first_ms"),
              ("vLLM dense, packed", "vllm_dense_packed_ms", "vllm_dense_packed_first_ms")]
-    head = "| path | steady ms | first ms | x floor | x vLLM best |" if absolute else "| path | x floor | first x floor | x vLLM best |"
+    head = ("| path | steady ms | first ms | x floor | x vLLM best |" if absolute
+            else "| path | x floor | first x floor | x vLLM best |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for label, key, first in rows:
         v, f = r.get(key), r.get(first) if first else None
@@ -123,7 +124,8 @@ def _sparse_table(r: dict, absolute: bool) -> list[str]:
         head = ("| density | changed elems | vLLM sparse ms | wsync ms | wsync / vLLM | wsync send ms | build ms "
                 "| ref auto ms | ref flat ms | diff GB/s | wire B/elem | auto encodings |")
     else:
-        head = ("| density | wsync / wsync dense | wsync / vLLM | send / dense send | build / e2e | ref flat / ref auto "
+        head = ("| density | wsync / wsync dense | wsync / vLLM | send / dense send | build / e2e "
+                "| ref flat / ref auto "
                 "| wire B/elem | auto encodings |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in dens:
@@ -180,7 +182,8 @@ def _why(r: dict, t: dict, absolute: bool) -> str:
                 f"+ send {ms(g('wsync_sparse_send_ms'))} + metadata, decode and apply; vLLM {ms(g('vllm_sparse_ms'))}")
     if name.startswith("wire"):
         enc = (r.get("auto_encodings") or {}).get(d)
-        return (f"{fmt(g('wire_bytes_per_changed_elem'), 5)} B/elem = 2 B bf16 value + delta gaps (16-bit once any gap "
+        return (f"{fmt(g('wire_bytes_per_changed_elem'), 5)} B/elem = 2 B bf16 value + gap-encoded indices "
+                f"(16-bit once any gap "
                 f"in a tensor reaches 256, which at density {d} is nearly certain) + 8-byte section alignment; "
                 f"encodings chosen per tensor: {enc}")
     return f"{fmt(t['value'])} vs bound {fmt(t['bound'])}"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 
@@ -81,7 +81,8 @@ def total_bytes(metas: Iterable[TensorMeta]) -> int:
     return sum(m.nbytes for m in metas)
 
 
-def make_weights(metas: list[TensorMeta], device: torch.device, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+def make_weights(metas: list[TensorMeta], device: torch.device, seed: int,
+                 std: float = 0.02) -> dict[str, torch.Tensor]:
     """Random weights on `device` (norm weights 1.0), in metas order."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}

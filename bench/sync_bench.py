@@ -1,7 +1,8 @@
 """wsync sync benchmark: NCCL floor, wsync dense/sparse (reference engine and vLLM engine), vLLM 0.24's own
 dense (unpacked, packed) and sparse paths, on random weights of a Qwen2-family shape.
 
-    python bench/sync_bench.py --device cuda --shape qwen2.5-0.5b,qwen2.5-3b --max-minutes 8 --out bench/results/h100x2.json
+    python bench/sync_bench.py --device cuda --shape qwen2.5-0.5b,qwen2.5-3b --max-minutes 8 \
+        --out bench/results/h100x2.json
     python bench/sync_bench.py --device cpu --shape tiny --skip-vllm --out bench/results/cpu.json
 
 Two processes per phase (sender = rank 0 on GPU0, receiver = rank 1 on GPU1; gloo on CPU), driven
@@ -170,7 +171,8 @@ def _shape_result(cfg: dict, raw: dict, with_vllm: bool) -> dict:
     setup = raw.get("setup_core") or {}
     out["device_name"] = setup.get("device")
     if with_vllm:
-        out["vllm"] = {k: (raw.get("setup_vllm") or {}).get(k) for k in ("vllm_version", "generation", "engine_start_s")}
+        setup = raw.get("setup_vllm") or {}
+        out["vllm"] = {k: setup.get(k) for k in ("vllm_version", "generation", "engine_start_s")}
     out["raw"] = raw
     return out
 
@@ -183,7 +185,7 @@ def _header(args: argparse.Namespace, first: dict) -> dict:
         gpus, machine = 0, args.machine or f"{name}, gloo"
     return {"model": f"{first['shape']} shapes, random bf16 weights ({first['bytes'] / 2**20:.0f} MiB, "
                      f"{first['tensors']} tensors)",
-            "gpus": gpus, "machine": machine, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "gpus": gpus, "machine": machine, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "device": args.device, "backend": "nccl" if args.device == "cuda" else "gloo",
             "iters": args.iters, "warmup": args.warmup, "bucket_bytes": int(args.bucket_mb * 2**20),
             "fake_vllm": bool(args.fake_vllm), "args": vars(args)}

@@ -26,7 +26,12 @@ from wsync.transfer.sparse import SparseMeta
 from .core import Ctx, dense_variant, init_sender, sparse_variant, summary
 from .proto import CheckError, Clock, PeerError, check_equal, fingerprints, mutate
 from .shapes import (
-    fused_tensors, get_shape, runtime_layout, runtime_patches, runtime_shapes, write_hf_folder,
+    fused_tensors,
+    get_shape,
+    runtime_layout,
+    runtime_patches,
+    runtime_shapes,
+    write_hf_folder,
 )
 
 
@@ -209,7 +214,8 @@ def rx_vllm_start(rx: Ctx, gpu_util: float) -> dict:
         engine = FakeEngine(shape)
     else:
         # native: the bench drives the direct path's worker methods itself, on its own groups
-        engine = VLLMEngineCore(str(folder), "cuda", {"gpu_memory_utilization": float(gpu_util), "sync_route": "native"})
+        options = {"gpu_memory_utilization": float(gpu_util), "sync_route": "native"}
+        engine = VLLMEngineCore(str(folder), "cuda", options)
     rx.extra["engine"] = engine
     return {"folder_s": t1 - t0, "start_s": time.perf_counter() - t1, "ready": dataclasses.asdict(engine.ready())}
 

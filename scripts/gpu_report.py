@@ -38,7 +38,8 @@ def _service(rep: dict) -> dict:
         return rep
     return {"verdicts": rep["verdicts"], "ok": rep["ok"],
             "trainer_engine_baseline_equal": rep["trainer_engine_baseline_equal"],
-            "dense_payload_bytes": rep["dense"]["payload_bytes"], "sparse_payload_bytes": rep["sparse"]["payload_bytes"],
+            "dense_payload_bytes": rep["dense"]["payload_bytes"],
+            "sparse_payload_bytes": rep["sparse"]["payload_bytes"],
             "dense_send_ms": rep["dense_send_ms"], "sparse_send_ms": rep["sparse_send_ms"],
             "dense_total_ms": rep["dense"]["total_ms"], "sparse_total_ms": rep["sparse"]["total_ms"],
             "dense_verified": rep["dense"].get("verified"), "sparse_verified": rep["sparse"].get("verified")}
@@ -47,7 +48,7 @@ def _service(rep: dict) -> dict:
 def main() -> None:
     out = Path(sys.argv[1])
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpus": _gpus(), "vllm_version": _vllm_version(),
         "wall_s": int(sys.argv[2]) if len(sys.argv) > 2 else None,
         "pytest_exit_code": int(sys.argv[3]) if len(sys.argv) > 3 else None,

@@ -113,7 +113,8 @@ class Sync(_Resource):
     def sparse(self, engine_ids: str | Iterable[str], patch_id: str | None = None, patches: list[Any] | None = None,
                encoding: str = "flat_int32", verify: bool = True, delta: bool = False) -> JobInfo:
         """Exactly one source: a prepared ``patch_id``, inline ``patches``, or ``delta=True`` (the trainer's
-        bit-exact difference from the version the engines serve)."""
+        bit-exact difference from the version the engines serve). ``encoding``: flat_int32, gap, gap8,
+        bitmask, rows or auto."""
         fields: dict[str, Any] = {"engine_ids": _ids(engine_ids), "encoding": encoding, "verify": verify}
         if delta:
             fields["delta"] = True

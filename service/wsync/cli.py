@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--delta", action="store_true",
                              help="send what changed since the engines' version (bit-exact diff on the trainer)")
             m.add_argument("--encoding", default="flat_int32",
-                           choices=["flat_int32", "delta", "bitmask", "rows", "auto"])
+                           choices=["flat_int32", "gap", "gap8", "bitmask", "rows", "auto"])
     s.set_defaults(func=cmd_sync)
 
     def compare_args(c: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """Weight patches the trainer prepares: vLLM's reference patch, seeded random patches, inline patches.
 
 Pure torch (no Ray, no HTTP). Each function applies the patch to the model in place and returns a
-:class:`PreparedPatch` whose ``digest`` follows vLLM's ``rlhf_sparse_nccl.py`` example: sha256 over, per
+:class:`PreparedPatch` whose ``digest`` follows vLLM's RLHF sparse-NCCL example: sha256 over, per
 patch in order, the int32 indices' bytes followed by the values' bytes as float32.
 """
 
@@ -13,23 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    from wsync.transfer.sparse import SparsePatch
-except ImportError:  # pragma: no cover - transitional, until wsync.transfer.sparse lands
-
-    @dataclass
-    class SparsePatch:  # type: ignore[no-redef]
-        name: str
-        indices: torch.Tensor  # int32, 1-D, flat (row-major) element indices
-        values: torch.Tensor  # 1-D, the parameter's dtype
-
+from wsync.transfer.meta import INT32_MAX
+from wsync.transfer.sparse import SparsePatch, payload_bytes
 
 __all__ = [
     "PreparedPatch",
     "SparsePatch",
     "apply_inline",
     "patch_digest",
-    "patch_payload_bytes",
     "random_patch",
     "reference_patch",
     "select_reference_rows",
@@ -37,7 +28,6 @@ __all__ = [
 
 #: Above this many elements, random index selection samples with rejection instead of randperm.
 _RANDPERM_MAX_NUMEL = 1 << 22
-_INDEX_MAX = torch.iinfo(torch.int32).max
 
 
 @dataclass
@@ -66,17 +56,12 @@ def patch_digest(patches: Iterable[SparsePatch]) -> str:
     return h.hexdigest()
 
 
-def patch_payload_bytes(patches: Iterable[SparsePatch]) -> int:
-    """int32 indices + values in their dtype, as vLLM's sparse wire carries them."""
-    return sum(int(p.indices.numel()) * 4 + int(p.values.numel()) * p.values.element_size() for p in patches)
-
-
 def _prepared(patches: list[SparsePatch], selected: list[int] | None = None) -> PreparedPatch:
     return PreparedPatch(
         patches=patches,
         selected_token_ids=selected,
         digest=patch_digest(patches),
-        payload_bytes=patch_payload_bytes(patches),
+        payload_bytes=payload_bytes(patches),
     )
 
 
@@ -146,7 +131,7 @@ def reference_patch(
     if p.dim() != 2:
         raise ValueError(f"{param!r} must be 2-D (rows x hidden), got shape {list(p.shape)}")
     vocab_size, hidden_size = p.shape
-    if vocab_size * hidden_size - 1 > _INDEX_MAX:
+    if vocab_size * hidden_size - 1 > INT32_MAX:
         raise ValueError(f"{param!r} has too many elements for int32 indices")
     selected = select_reference_rows(tokenizer, prompts, rows, vocab_size)
     row_ids = torch.tensor(selected, device=p.device, dtype=torch.long)
@@ -250,7 +235,7 @@ def random_patch(
             k = round(float(density) * numel)
             if k == 0:
                 continue
-            if numel - 1 > _INDEX_MAX:
+            if numel - 1 > INT32_MAX:
                 raise ValueError(f"{name!r} has too many elements for int32 indices")
             gen = torch.Generator(device="cpu")
             gen.manual_seed(_param_seed(seed, name))

@@ -1,4 +1,8 @@
-"""Service settings (pydantic-settings, env prefix ``WSYNC_``)."""
+"""Service settings (pydantic-settings, env prefix ``WSYNC_``).
+
+The Ray actors do not load these: the one knob they read, ``WSYNC_TORCH_THREADS`` (torch threads in a
+CPU actor, default 1), is read from the environment where it is used (``engines.hf.set_cpu_threads``).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ class Settings(BaseSettings):
     port: int = 8321
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite in cache_dir.")
     cache_dir: Path = Field(default_factory=default_cache_dir)
-    default_model: str | None = Field(default=None, description="Model when a request names none; default: the embedded tiny model.")
+    default_model: str | None = Field(default=None,
+                                      description="Model when a request names none; default: the embedded tiny model.")
     ray_address: str | None = Field(default=None, description="Connect to this Ray cluster instead of starting one.")
     ray_num_cpus: int | None = Field(default=None, description="CPUs for a locally started Ray.")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="auto: cuda if Ray sees GPUs.")
@@ -31,8 +36,6 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
     delta_snapshots: int = Field(default=1, ge=0, description="Weight versions the trainer keeps a device copy of, "
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
-    torch_threads: int = Field(default=1, ge=1, description="torch threads inside CPU actors.")
-    max_page: int = 200
     api_token: str | None = Field(default=None, description="Bearer token required on mutating routes (and reads "
                                   "when api_token_reads); `wsync serve` needs one to bind a non-loopback host.")
     api_token_reads: bool = Field(default=False, description="Require the token on read-only routes too.")

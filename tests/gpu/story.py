@@ -10,8 +10,7 @@ VERDICTS = ["baseline_equal", "patch_selection_equal", "patch_digest_equal", "af
 
 
 def example_path() -> Path:
-    for p in (os.environ.get("WSYNC_REFERENCE_EXAMPLE"), ROOT / ".gpu/rlhf_sparse_nccl.py",
-              ROOT.parent / "shared/reference/rlhf_sparse_nccl.py"):
+    for p in (os.environ.get("WSYNC_REFERENCE_EXAMPLE"), ROOT / ".gpu/rlhf_sparse_nccl.py"):
         if p and Path(p).is_file():
             return Path(p)
     pytest.skip("vLLM's rlhf_sparse_nccl.py not found (set WSYNC_REFERENCE_EXAMPLE)")

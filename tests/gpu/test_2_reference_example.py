@@ -18,7 +18,8 @@ def test_c_reference_example(report_dir):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/run_reference_example.py"), "--example",
                            str(example_path()), "--model", str(ensure_default_model()), "--out", str(out)],
                           timeout=900, capture_output=True, text=True)
-    (report_dir / "reference_example.log").write_text(proc.stdout[-200000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
+    log = proc.stdout[-200000:] + "\n--- stderr ---\n" + proc.stderr[-200000:]
+    (report_dir / "reference_example.log").write_text(log)
     assert out.exists(), proc.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["error"] is None, res["error"]

@@ -34,7 +34,7 @@ def ref_rows_ok(s: torch.Tensor, shape: list[int]) -> bool:
 
 
 def ref_index_stats(s: torch.Tensor, shape: list[int]) -> tuple[int, int, int, bool, int]:
-    """(min gap, max gap, last index, rows_ok, delta8 escapes) of sorted, non-empty `s`."""
+    """(min gap, max gap, last index, rows_ok, gap8 escapes) of sorted, non-empty `s`."""
     g = ref_gaps(s)
     esc = int(torch.div(g.clamp(min=0), ESC, rounding_mode="floor").sum())
     return int(g.min()), int(g.max()), int(s[-1]), ref_rows_ok(s, shape), esc
@@ -44,13 +44,13 @@ def ref_candidate_sizes(patch: SparsePatch, spec: TensorMeta, full_ok: bool) -> 
     c, isz, numel = patch.count, spec.itemsize, spec.numel
     sizes = {"bitmask": c * isz + (numel + 7) // 8 if c else 0}
     if c == 0:
-        sizes["delta"] = sizes["delta8"] = sizes["rows"] = 0
+        sizes["gap"] = sizes["gap8"] = sizes["rows"] = 0
     else:
         min_gap, max_gap, last, rows_ok, escapes = ref_index_stats(ref_sorted(patch)[0], spec.shape)
         if min_gap < 0 or last >= numel:
             raise ValueError(f"{spec.name}: indices must be unique and in [0, {numel})")
-        sizes["delta"] = c * (isz + (1 if max_gap < 2**8 else 2 if max_gap < 2**16 else 4))
-        sizes["delta8"] = c * (isz + 1) + escapes
+        sizes["gap"] = c * (isz + (1 if max_gap < 2**8 else 2 if max_gap < 2**16 else 4))
+        sizes["gap8"] = c * (isz + 1) + escapes
         if rows_ok:
             sizes["rows"] = c * isz + (c // spec.shape[1]) * 4
     if full_ok or c == numel:
@@ -87,12 +87,12 @@ def ref_encode(patch: SparsePatch, meta: SparseMeta, full: torch.Tensor | None =
     s, vals = ref_sorted(patch)
     vals_b = bytes_view(vals.contiguous())
     g = ref_gaps(s)
-    if meta.encoding == "delta":
+    if meta.encoding == "gap":
         width = (meta.nbytes - vals_b.numel()) // meta.count
         if width == 2:
             g = torch.where(g >= 2**15, g - 2**16, g)
         tail = bytes_view(g.to(GAP_DTYPES[width]))
-    elif meta.encoding == "delta8":
+    elif meta.encoding == "gap8":
         k = torch.div(g, ESC, rounding_mode="floor")
         ends = torch.cumsum(k + 1, 0) - 1
         tail = torch.full((int(ends[-1]) + 1,), ESC, dtype=torch.uint8)
@@ -116,12 +116,12 @@ def ref_decode(meta: SparseMeta, buf: torch.Tensor) -> tuple[torch.Tensor, torch
         return view_as_dtype(buf[: 4 * c], torch.int32).long(), view_as_dtype(buf[4 * c:], dt)
     vals = view_as_dtype(buf[: c * dt.itemsize], dt)
     tail = buf[c * dt.itemsize:]
-    if meta.encoding == "delta":
+    if meta.encoding == "gap":
         width = tail.numel() // c
         g = view_as_dtype(tail, GAP_DTYPES[width]).long()
         g = g & 0xFFFF if width == 2 else g
         return torch.cumsum(g + 1, 0) - 1, vals
-    if meta.encoding == "delta8":
+    if meta.encoding == "gap8":
         b = tail.long()
         pos = torch.cumsum(torch.where(b == ESC, b, b + 1), 0) - 1
         return pos[b != ESC], vals

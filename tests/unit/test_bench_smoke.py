@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from bench import report, sync_bench
-from bench.proto import build_sparse, check_equal, CheckError, mutate, send_sparse_wire
+from bench.proto import CheckError, build_sparse, check_equal, mutate, send_sparse_wire
 from bench.shapes import (
-    SHAPES, fused_tensors, hf_metas, make_weights, runtime_layout, runtime_patches, runtime_shapes,
+    SHAPES,
+    fused_tensors,
+    hf_metas,
+    make_weights,
+    runtime_layout,
+    runtime_patches,
+    runtime_shapes,
 )
 from wsync.transfer.delta import diff_patches
 from wsync.transfer.sparse import apply_patch, send_sparse
@@ -81,7 +87,7 @@ def test_sparse_wire_of_the_bench_equals_send_sparse():
     cur = {n: t.clone() for n, t in old.items()}
     mutate(cur, 0.02, torch.Generator().manual_seed(1))
     patches = diff_patches(cur, old)
-    for encoding in ("auto", "flat_int32", "delta", "bitmask"):
+    for encoding in ("auto", "flat_int32", "gap", "bitmask"):
         sm, stream = build_sparse(patches, specs, encoding, cur, torch.device("cpu"))
         a, b = Recorder(), Recorder()
         send_sparse(a, patches, sm, cur)

@@ -69,9 +69,9 @@ def run(capsys, argv, server: Server):
 def test_parse_commands():
     p = cli.build_parser()
     a = p.parse_args(["--url", "http://h:1", "sync", "sparse", "--engine", "e1", "--engine", "e2",
-                      "--patch", "p-1", "--encoding", "delta", "--wait", "--json"])
+                      "--patch", "p-1", "--encoding", "gap", "--wait", "--json"])
     assert (a.command, a.mode, a.engine, a.patch, a.encoding, a.wait, a.json, a.url) == \
-        ("sync", "sparse", ["e1", "e2"], "p-1", "delta", True, True, "http://h:1")
+        ("sync", "sparse", ["e1", "e2"], "p-1", "gap", True, True, "http://h:1")
     a = p.parse_args(["engines", "launch", "--kind", "vllm", "--model", "m", "--name", "n"])
     assert (a.action, a.kind, a.model, a.name, a.no_wait) == ("launch", "vllm", "m", "n", False)
     a = p.parse_args(["patch", "--kind", "random", "--density", "0.01", "--seed", "3"])

@@ -188,7 +188,8 @@ def test_tokenizer_loads_and_matches_tokenizer_json(tiny_dir, tokenizer):
 
 
 def test_chat_template(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -1,8 +1,9 @@
-"""Batched planning / encoding / decoding (wsync.transfer.encodings and its enc_* modules) against a
+"""Batched planning / encoding / decoding (the wsync.transfer.encodings subpackage) against a
 per-tensor reference.
 
-The reference (sparse_reference.py) is the previous implementation (one sort and host sync per tensor), kept so that the batched code must reproduce its statistics, its metas and its bytes exactly. The
-reference runs on CPU; the batched code runs on every device in DEVICES (CUDA when available), and its
+The reference (sparse_reference.py) is the previous implementation (one sort and host sync per
+tensor), kept so that the batched code must reproduce its statistics, its metas and its bytes
+exactly. The reference runs on CPU; the batched code runs on every device in DEVICES (CUDA when available), and its
 output is compared on CPU. On CUDA the host-sync tests also count synchronizing CUDA calls (torch's
 sync debug mode), so a hidden sync (nonzero, a blocking copy) fails them.
 """
@@ -15,15 +16,23 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from wsync.transfer import enc_common as C
-from wsync.transfer import enc_stats as ST
 from wsync.transfer import encodings as E
 from wsync.transfer import sparse as S
 from wsync.transfer.encodings import SparseMeta, SparsePatch, decode, encode
+from wsync.transfer.encodings import common as C
+from wsync.transfer.encodings import stats as ST
 from wsync.transfer.meta import TensorMeta, bytes_view
 from wsync.transfer.sparse import ALIGN, plan_sparse, stream_layout
 
-from .sparse_reference import ref_sorted, ref_rows_ok, ref_index_stats, ref_candidate_sizes, ref_plan_one, ref_encode, ref_decode
+from .sparse_reference import (
+    ref_candidate_sizes,
+    ref_decode,
+    ref_encode,
+    ref_index_stats,
+    ref_plan_one,
+    ref_rows_ok,
+    ref_sorted,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
@@ -59,7 +68,7 @@ def rows_indices(shape: list[int], rows: list[int], gen: torch.Generator, ascend
 
 def zoo(seed: int = 0) -> tuple[list[SparsePatch], dict[str, TensorMeta]]:
     """Valid patches of every kind: ascending and not, sparse and dense-ish, empty, single, whole rows,
-    gaps needing 1/2/4-byte delta widths and delta8 escapes, numel not a multiple of 8, int64 indices."""
+    gaps needing 1/2/4-byte gap widths and gap8 escapes, numel not a multiple of 8, int64 indices."""
     gen = torch.Generator().manual_seed(seed)
     specs: dict[str, TensorMeta] = {}
     patches: list[SparsePatch] = []
@@ -75,8 +84,8 @@ def zoo(seed: int = 0) -> tuple[list[SparsePatch], dict[str, TensorMeta]]:
     for i, (numel, dens) in enumerate([(1001, 0.01), (4096, 0.3), (70000, 0.001), (5000, 0.9), (333, 1.0)]):
         add(f"asc{i}", [numel], random_indices(numel, dens, gen, True))
         add(f"shuf{i}", [numel], random_indices(numel, dens, gen, False), "float32")
-    add("wide_gap", [3_000_000], [5, 70_000, 2_999_999])  # 4-byte delta gaps, many delta8 escapes
-    add("mid_gap", [100_000], [300, 60_000, 60_001])  # 2-byte delta gaps
+    add("wide_gap", [3_000_000], [5, 70_000, 2_999_999])  # 4-byte gaps, many gap8 escapes
+    add("mid_gap", [100_000], [300, 60_000, 60_001])  # 2-byte gaps
     add("esc_edges", [2000], [254, 509, 510, 1020, 1275, 1276])  # gaps 254, 254, 0, 509, 254, 0
     add("rows_asc", [40, 16], rows_indices([40, 16], [0, 3, 39], gen, True))
     add("rows_shuf", [40, 16], rows_indices([40, 16], [7, 2, 30, 31], gen, False), "float16")
@@ -190,7 +199,7 @@ def test_batched_stats_flag_bad_patches(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(BAD))
-@pytest.mark.parametrize("encoding", ["delta", "delta8", "bitmask", "auto"])
+@pytest.mark.parametrize("encoding", ["gap", "gap8", "bitmask", "auto"])
 def test_plan_rejects_duplicates_and_out_of_range(name: str, encoding: str, device: str) -> None:
     shape, idx = BAD[name]
     good = make_patch("good", [1, 2, 3]).to(device)
@@ -209,12 +218,12 @@ def test_plan_raises_errors_in_patch_order() -> None:
     with pytest.raises(ValueError, match="b: values are"):
         plan_sparse([make_patch("a", [1]), wrong_dtype, make_patch("c", [3, 3])], specs, "auto")
     with pytest.raises(ValueError, match="no such parameter"):
-        plan_sparse([make_patch("a", [1]), make_patch("zz", [1])], specs, "delta8")
+        plan_sparse([make_patch("a", [1]), make_patch("zz", [1])], specs, "gap8")
 
 
 # ---- plan ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("encoding", ["flat_int32", "delta", "delta8", "bitmask", "auto"])
+@pytest.mark.parametrize("encoding", ["flat_int32", "gap", "gap8", "bitmask", "auto"])
 @pytest.mark.parametrize("with_params", [False, True])
 @pytest.mark.parametrize("small", [False, True])
 def test_plan_equals_per_tensor_reference(encoding: str, with_params: bool, small: bool, device: str,
@@ -250,7 +259,7 @@ def test_plan_rows(device: str) -> None:
 
 # ---- encode -------------------------------------------------------------------------------------
 def encodings_for(patch: SparsePatch, spec: TensorMeta) -> list[str]:
-    out = ["flat_int32", "delta", "delta8", "bitmask", "auto"]
+    out = ["flat_int32", "gap", "gap8", "bitmask", "auto"]
     if patch.count and ref_rows_ok(ref_sorted(patch)[0], spec.shape):
         out.append("rows")
     return out
@@ -288,7 +297,7 @@ def zoo_with_params(seed: int):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("encoding", ["delta", "delta8", "bitmask", "auto", "flat_int32"])
+@pytest.mark.parametrize("encoding", ["gap", "gap8", "bitmask", "auto", "flat_int32"])
 def test_packed_stream_is_reference_sections(encoding: str, device: str, monkeypatch) -> None:
     small_batches(monkeypatch)
     patches, specs, params = zoo_with_params(4)
@@ -337,17 +346,17 @@ def test_encode_rejects_what_the_reference_rejects(device: str) -> None:
         with pytest.raises(ValueError, match="rows encoding needs whole rows"):
             encode(patch, forged)
     dup = make_patch("w", [3, 3, 5]).to(device)
-    with pytest.raises(ValueError, match="delta8 gaps need sorted unique"):
-        encode(dup, SparseMeta("w", "bfloat16", [80], 3, "delta8", 3 * 3 + 0))
-    with pytest.raises(ValueError, match="delta gaps do not fit 1 byte"):
-        encode(dup, SparseMeta("w", "bfloat16", [80], 3, "delta", 3 * 3))
+    with pytest.raises(ValueError, match="gap8 gaps need sorted unique"):
+        encode(dup, SparseMeta("w", "bfloat16", [80], 3, "gap8", 3 * 3 + 0))
+    with pytest.raises(ValueError, match="gaps do not fit 1 byte"):
+        encode(dup, SparseMeta("w", "bfloat16", [80], 3, "gap", 3 * 3))
     wide = make_patch("w", [0, 300]).to(device)
-    with pytest.raises(ValueError, match="delta gaps do not fit 1 byte"):
-        encode(wide, SparseMeta("w", "bfloat16", [400], 2, "delta", 2 * 3))
+    with pytest.raises(ValueError, match="gaps do not fit 1 byte"):
+        encode(wide, SparseMeta("w", "bfloat16", [400], 2, "gap", 2 * 3))
     with pytest.raises(ValueError, match="encoded 7 bytes, meta says 8"):  # escapes differ from the meta
-        encode(wide, SparseMeta("w", "bfloat16", [400], 2, "delta8", 8))
+        encode(wide, SparseMeta("w", "bfloat16", [400], 2, "gap8", 8))
     with pytest.raises(ValueError, match="patch has 2 elements, meta says 3"):
-        encode(wide, SparseMeta("w", "bfloat16", [400], 3, "delta8", 9))
+        encode(wide, SparseMeta("w", "bfloat16", [400], 3, "gap8", 9))
     with pytest.raises(ValueError, match="full tensor"):
         encode(wide, SparseMeta("w", "bfloat16", [400], 400, "dense", 800))
     out_of_range = make_patch("w", [2, 90]).to(device)
@@ -378,7 +387,7 @@ def edge_zoo(dtype: str = "bfloat16") -> tuple[list[SparsePatch], dict[str, Tens
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("encoding", ["flat_int32", "delta", "delta8", "bitmask", "auto"])
+@pytest.mark.parametrize("encoding", ["flat_int32", "gap", "gap8", "bitmask", "auto"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_edge_patches_pack_and_decode_bit_exact(encoding: str, dtype: str, device: str) -> None:
     patches, specs = edge_zoo(dtype)
@@ -476,7 +485,7 @@ def test_unsorted_patches_take_one_more_sync_and_one_sort(device: str, monkeypat
     monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
     counter = SyncCounter(monkeypatch)
     with cuda_syncs(device) as gpu:
-        metas = plan_sparse(dev_patches, specs, "delta8")
+        metas = plan_sparse(dev_patches, specs, "gap8")
     assert counter.n == 2 and len(sorts) == 1
     assert gpu[0] == 2 * (device == "cuda"), f"{gpu[0]} synchronizing CUDA calls in plan"
     counter.n = 0
@@ -493,16 +502,16 @@ def test_unsorted_patches_take_one_more_sync_and_one_sort(device: str, monkeypat
 def test_in_place_change_of_indices_invalidates_the_cache(device: str) -> None:
     spec = spec_of("w", [1000])
     patch = make_patch("w", [1, 2, 3, 500]).to(device)
-    (meta,) = plan_sparse([patch], {"w": spec}, "delta8")
+    (meta,) = plan_sparse([patch], {"w": spec}, "gap8")
     patch.indices[3] = 2  # now a duplicate: the cached stats must not be used
-    with pytest.raises(ValueError, match="delta8 gaps need sorted unique"):
+    with pytest.raises(ValueError, match="gap8 gaps need sorted unique"):
         encode(patch, meta)
     with pytest.raises(ValueError, match="unique"):
-        plan_sparse([patch], {"w": spec}, "delta8")
+        plan_sparse([patch], {"w": spec}, "gap8")
     patch.indices[3] = 999  # valid again, other escapes than planned
     with pytest.raises(ValueError, match="meta says"):
         encode(patch, meta)
-    (meta,) = plan_sparse([patch], {"w": spec}, "delta8")
+    (meta,) = plan_sparse([patch], {"w": spec}, "gap8")
     assert torch.equal(encode(patch, meta).cpu(), ref_encode(patch.to("cpu"), meta))
 
 
@@ -520,7 +529,7 @@ def test_inference_tensors_work_without_the_cache(device: str) -> None:
 
 # ---- decode -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("encoding", ["delta", "delta8", "bitmask", "auto", "flat_int32"])
+@pytest.mark.parametrize("encoding", ["gap", "gap8", "bitmask", "auto", "flat_int32"])
 def test_decode_stream_equals_reference(encoding: str, device: str, monkeypatch) -> None:
     small_batches(monkeypatch)
     patches, specs, params = zoo_with_params(9)
@@ -547,7 +556,7 @@ def test_decode_many_across_devices_in_one_call(device: str) -> None:
     metas = plan_sparse(patches, specs, "auto")
     bufs = [encode(p, m) for p, m in zip(patches, metas)]
     moved = [b.to(device) if i % 2 else b for i, b in enumerate(bufs)]
-    for i, (p, m, back) in enumerate(zip(patches, metas, E.decode_many(metas, moved))):
+    for i, (m, back) in enumerate(zip(metas, E.decode_many(metas, moved))):
         assert_on(back.indices, device if i % 2 else "cpu")
         idx, vals = ref_decode(m, bufs[i])
         assert torch.equal(back.indices.cpu().long(), idx) and torch.equal(bits(back.values.cpu()), bits(vals))
@@ -575,18 +584,18 @@ def test_decode_apply_round_trip_bit_exact(device: str) -> None:
 def test_decode_rejects_corrupt_counts_in_order(device: str) -> None:
     spec = spec_of("w", [1000])
     p = make_patch("w", [3, 9, 700]).to(device)
-    m8 = plan_sparse([p], {"w": spec}, "delta8")[0]
+    m8 = plan_sparse([p], {"w": spec}, "gap8")[0]
     mb = plan_sparse([p], {"w": spec}, "bitmask")[0]
     b8, bb = encode(p, m8).clone(), encode(p, mb).clone()
     b8[6 + 1] = 255  # a closing byte turned into an escape: one index fewer
     bb[6 + 1] |= 0x40  # one more marked element
-    with pytest.raises(ValueError, match="w: delta8 stream holds 2 indices, meta says 3"):
+    with pytest.raises(ValueError, match="w: gap8 stream holds 2 indices, meta says 3"):
         E.decode_many([m8, mb], [b8, bb])
     with pytest.raises(ValueError, match="w: bitmask marks 4 elements, meta says 3"):
         E.decode_many([mb, m8], [bb, b8])
     with pytest.raises(ValueError, match="expected"):  # a host error after a good one
         E.decode_many([m8, mb], [encode(p, m8), bb[:-1]])
-    with pytest.raises(ValueError, match="delta8 stream holds"):  # a count error before a host error
+    with pytest.raises(ValueError, match="gap8 stream holds"):  # a count error before a host error
         E.decode_many([m8, mb], [b8, bb[:-1]])
 
 
@@ -596,11 +605,11 @@ def test_decode_rejects_tails_of_the_wrong_size_on_the_host(device: str) -> None
     are refused before any kernel runs."""
     p = make_patch("w", [3, 9, 700]).to(device)
     vals = bytes_view(p.values.contiguous())
-    short8 = SparseMeta("w", "bfloat16", [1000], 3, "delta8", 6 + 2)
-    with pytest.raises(ValueError, match="w: 2 delta8 bytes cannot hold 3 indices"):
+    short8 = SparseMeta("w", "bfloat16", [1000], 3, "gap8", 6 + 2)
+    with pytest.raises(ValueError, match="w: 2 gap8 bytes cannot hold 3 indices"):
         E.decode_many([short8], [torch.cat([vals, torch.zeros(2, dtype=torch.uint8, device=device)])])
-    no_tail = SparseMeta("w", "bfloat16", [1000], 3, "delta8", 6)
-    with pytest.raises(ValueError, match="0 delta8 bytes"):
+    no_tail = SparseMeta("w", "bfloat16", [1000], 3, "gap8", 6)
+    with pytest.raises(ValueError, match="0 gap8 bytes"):
         decode(no_tail, vals.clone())
     for nb in (124, 126):
         forged = SparseMeta("w", "bfloat16", [1000], 3, "bitmask", 6 + nb)
@@ -622,7 +631,8 @@ def test_bitmask_ignores_bits_past_numel(device: str) -> None:
 def test_gpu_branches_on_cpu_match_reference(monkeypatch) -> None:
     """The branches taken off CPU (repeat_interleave with output_size, nonzero_static, device batch
     budgets) run here on CPU tensors, so their logic is checked even without a GPU."""
-    from wsync.transfer import enc_pack, enc_unpack
+    from wsync.transfer.encodings import pack as enc_pack
+    from wsync.transfer.encodings import unpack as enc_unpack
 
     def repeat_as_on_gpu(values: torch.Tensor, counts, total: int) -> torch.Tensor:
         reps = torch.tensor(list(counts), dtype=torch.int64)
@@ -639,7 +649,7 @@ def test_gpu_branches_on_cpu_match_reference(monkeypatch) -> None:
     patches, specs = zoo(13)
     edges, edge_specs = edge_zoo()
     patches, specs = patches + edges, {**specs, **edge_specs}
-    for encoding in ("delta", "delta8", "bitmask", "auto"):
+    for encoding in ("gap", "gap8", "bitmask", "auto"):
         fresh = [SparsePatch(p.name, p.indices.clone(), p.values) for p in patches]
         metas = plan_sparse(fresh, specs, encoding)
         assert metas == [ref_plan_one(p, specs[p.name], encoding, False) for p in patches]
@@ -653,7 +663,7 @@ def test_gpu_branches_on_cpu_match_reference(monkeypatch) -> None:
 
 # ---- bench/proto.build_sparse: one batched call, the bytes of the per-patch loop ------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("encoding", ["auto", "flat_int32", "delta", "delta8", "bitmask"])
+@pytest.mark.parametrize("encoding", ["auto", "flat_int32", "gap", "gap8", "bitmask"])
 def test_bench_build_sparse_equals_per_patch_encode_loop(encoding: str, device: str) -> None:
     from bench.proto import build_sparse  # the repo root is on sys.path under pytest (tests/ is a package)
 

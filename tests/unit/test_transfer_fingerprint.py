@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wsync.transfer import fingerprint, fingerprint_all
+from wsync.transfer import digest, fingerprint
 
 
 def test_equal_bits_equal_prints_and_metadata() -> None:
@@ -39,11 +39,11 @@ def test_noncontiguous_empty_scalar_and_all() -> None:
     assert fingerprint({"x": x.t()})["x"] == fingerprint({"x": x.t().contiguous()})["x"]
     fingerprint({"e": torch.empty(0, 4), "s": torch.tensor(2.5), "b": torch.tensor([True, False, True])})
     named = {"x": x, "y": torch.ones(3)}
-    assert fingerprint_all(named) == fingerprint_all(list(reversed(list(named.items()))))
-    assert len(fingerprint_all(named)) == 64
+    assert digest(fingerprint(named)) == digest(fingerprint(list(reversed(list(named.items())))))
+    assert len(digest(fingerprint(named))) == 64
     y2 = torch.ones(3)
     y2[1] = 1.0000001
-    assert fingerprint_all(named) != fingerprint_all({"x": x, "y": y2})
+    assert digest(fingerprint(named)) != digest(fingerprint({"x": x, "y": y2}))
 
 
 def test_sums_use_chunks(monkeypatch) -> None:

@@ -15,7 +15,8 @@ BUCKET = 4096
 
 
 def params_of(seed: int) -> dict[str, torch.nn.Parameter]:
-    return {n: torch.nn.Parameter(t, requires_grad=False) for n, t in make_model(seed, False, torch.device("cpu")).items()}
+    model = make_model(seed, False, torch.device("cpu"))
+    return {n: torch.nn.Parameter(t, requires_grad=False) for n, t in model.items()}
 
 
 def test_flatten_keeps_values_and_ties():

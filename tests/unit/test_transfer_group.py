@@ -9,9 +9,25 @@ import torch
 import torch.multiprocessing as mp
 
 from wsync.transfer import (
-    ENCODINGS, PatchValidationError, Rendezvous, SparseMeta, SparsePatch, SyncGroup, TensorMeta, apply_patches,
-    fingerprint, fingerprint_all, free_port, open_group, param_metas, plan_sparse, recv_dense,
-    recv_sparse_with_stats, send_dense, send_sparse, validate_patches,
+    ENCODINGS,
+    PatchValidationError,
+    Rendezvous,
+    SparseMeta,
+    SparsePatch,
+    SyncGroup,
+    TensorMeta,
+    apply_patches,
+    digest,
+    fingerprint,
+    free_port,
+    open_group,
+    param_metas,
+    plan_sparse,
+    recv_dense,
+    recv_sparse_with_stats,
+    send_dense,
+    send_sparse,
+    validate_patches,
 )
 
 BUCKET = 4096
@@ -75,7 +91,7 @@ def check_same_as_trainer(group: SyncGroup, params: dict[str, torch.Tensor], wha
     theirs = bcast_json(group, mine if group.rank == 0 else None)
     assert mine == theirs, f"{what}: rank {group.rank} differs from trainer"
     assert mine == fingerprint({n: t.cpu() for n, t in params.items()})  # device-independent
-    assert fingerprint_all(params) == bcast_json(group, fingerprint_all(params) if group.rank == 0 else None)
+    assert digest(fingerprint(params)) == bcast_json(group, digest(fingerprint(params)) if group.rank == 0 else None)
 
 
 def dense_round(group: SyncGroup, params: dict[str, torch.Tensor]) -> None:

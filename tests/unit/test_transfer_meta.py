@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from wsync.transfer import (
-    Rendezvous, TensorMeta, backend_for, dtype_name, free_port, open_group, param_metas, plan_buckets, torch_dtype,
+    Rendezvous,
+    TensorMeta,
+    backend_for,
+    dtype_name,
+    free_port,
+    open_group,
+    param_metas,
+    plan_buckets,
+    torch_dtype,
 )
 
 

@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from wsync.transfer import (
-    ENCODINGS, SparseMeta, SparsePatch, TensorMeta, apply_patch, apply_patches, decode, encode,
-    payload_bytes, plan_sparse, stream_layout,
+    ENCODINGS,
+    SparseMeta,
+    SparsePatch,
+    TensorMeta,
+    apply_patch,
+    apply_patches,
+    decode,
+    dtype_name,
+    encode,
+    payload_bytes,
+    plan_sparse,
+    stream_layout,
 )
 
 DENSITIES = [0.0, 1e-4, 0.01, 0.3, 1.0]
@@ -44,7 +54,7 @@ def row_patch(name: str, shape: list[int], dtype: torch.dtype, rows: list[int], 
 
 
 def specs_for(names: dict) -> dict[str, TensorMeta]:
-    return {n: TensorMeta(n, str(dt).removeprefix("torch."), shape) for n, (shape, dt) in names.items()}
+    return {n: TensorMeta(n, dtype_name(dt), shape) for n, (shape, dt) in names.items()}
 
 
 def base_tensor(shape: list[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -97,7 +107,7 @@ def test_decoded_patch_matches_sorted_patch_bit_exact() -> None:
     spec = TensorMeta("w", "bfloat16", [50, 20])
     patch = random_patch("w", spec.shape, torch.bfloat16, 0.3, gen)
     order = torch.argsort(patch.indices.long())
-    for enc in ("delta", "bitmask"):
+    for enc in ("gap", "bitmask"):
         _, back = roundtrip(patch, spec, enc)
         assert torch.equal(back.indices, patch.indices[order])
         assert bits_equal(back.values, patch.values[order])
@@ -162,13 +172,13 @@ def test_auto_picks_rows_for_row_patches() -> None:
 @pytest.mark.parametrize("density", DENSITIES + [0.9, 0.97, 0.999])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_auto_is_smallest_and_never_exceeds_dense(density: float, dtype: torch.dtype) -> None:
-    spec = TensorMeta("w", str(dtype).removeprefix("torch."), [64, 50])
+    spec = TensorMeta("w", dtype_name(dtype), [64, 50])
     patch = random_patch("w", spec.shape, dtype, density, torch.Generator().manual_seed(6))
     full = base_tensor(spec.shape, dtype, 8)
     apply_patch(full, patch)  # the sender's tensor = baseline + patch
     meta, back = roundtrip(patch, spec, "auto", full)
     assert meta.nbytes <= spec.nbytes
-    for enc in ("delta", "bitmask"):
+    for enc in ("gap", "bitmask"):
         assert meta.nbytes <= plan_sparse([patch], {"w": spec}, enc)[0].nbytes
     target = base_tensor(spec.shape, dtype, 8)
     apply_patch(target, back)
@@ -187,10 +197,11 @@ def test_dense_of_partial_patch_needs_full_tensor() -> None:
 
 
 @pytest.mark.parametrize("gap,width", [(255, 1), (256, 2), (65535, 2), (65536, 4), (2_000_000, 4)])
-def test_delta_gap_widths(gap: int, width: int) -> None:
+def test_gap_widths(gap: int, width: int) -> None:
     spec = TensorMeta("w", "bfloat16", [gap + 2])
-    patch = SparsePatch("w", torch.tensor([gap + 1, 0], dtype=torch.int32), torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
-    meta, back = roundtrip(patch, spec, "delta")
+    patch = SparsePatch("w", torch.tensor([gap + 1, 0], dtype=torch.int32),
+                        torch.tensor([1.0, 2.0], dtype=torch.bfloat16))
+    meta, back = roundtrip(patch, spec, "gap")
     assert meta.nbytes == 2 * (2 + width)
     assert back.indices.tolist() == [0, gap + 1]
 
@@ -202,7 +213,7 @@ def test_tensor_beyond_int32_rejected_without_allocating() -> None:
         for enc in ENCODINGS:
             with pytest.raises(ValueError, match="int32"):
                 plan_sparse([patch], {"huge": spec}, enc)
-        meta = SparseMeta("huge", "bfloat16", shape, 0, "delta", 0)
+        meta = SparseMeta("huge", "bfloat16", shape, 0, "gap", 0)
         with pytest.raises(ValueError, match="int32"):
             decode(meta, torch.empty(0, dtype=torch.uint8))
 
@@ -213,20 +224,27 @@ def test_plan_errors() -> None:
     with pytest.raises(ValueError, match="unknown encoding"):
         plan_sparse([patch], {"w": spec}, "zip")
     with pytest.raises(ValueError, match="no such"):
-        plan_sparse([patch], {}, "delta")
+        plan_sparse([patch], {}, "gap")
     dup = SparsePatch("w", torch.tensor([1, 1], dtype=torch.int32), torch.ones(2))
     with pytest.raises(ValueError, match="unique"):
         plan_sparse([dup], {"w": spec}, "auto")
 
 
 def test_meta_json_roundtrip_and_stream_layout() -> None:
-    metas = [SparseMeta("a", "bfloat16", [4, 4], 3, "delta", 9), SparseMeta("b", "float32", [5], 1, "flat_int32", 8),
+    metas = [SparseMeta("a", "bfloat16", [4, 4], 3, "gap", 9), SparseMeta("b", "float32", [5], 1, "flat_int32", 8),
              SparseMeta("c", "float32", [5], 5, "dense", 20)]
     again = [SparseMeta.from_dict(d) for d in json.loads(json.dumps([m.to_dict() for m in metas]))]
     assert again == metas
     assert stream_layout(metas) == ([0, 16], 40)
     with pytest.raises(ValueError):
         SparseMeta("x", "float32", [1], 0, "auto", 0)
+
+
+def test_payload_bytes_of_metas_equals_payload_bytes_of_patches() -> None:
+    a = SparsePatch("a", torch.tensor([1, 3], dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16))
+    b = SparsePatch("b", torch.tensor([0], dtype=torch.int32), torch.ones(1, dtype=torch.float64))
+    metas = plan_sparse([a, b], {"a": TensorMeta("a", "bfloat16", [8]), "b": TensorMeta("b", "float64", [2])}, "gap")
+    assert payload_bytes(metas) == payload_bytes([a, b]) == 2 * 6 + 12
 
 
 def test_payload_bytes_is_vllm_sparse_payload() -> None:
@@ -260,7 +278,7 @@ def test_cuda_encodings_match_cpu_bytes() -> None:
         for name, (shape, dtype) in SHAPES.items():
             patch = random_patch(name, shape, dtype, density, torch.Generator().manual_seed(11))
             validate_patches([patch.to(cuda)], specs)
-            for enc in ("flat_int32", "delta", "bitmask", "auto"):
+            for enc in ("flat_int32", "gap", "bitmask", "auto"):
                 (meta,) = plan_sparse([patch.to(cuda)], specs, enc)
                 assert meta == plan_sparse([patch], specs, enc)[0]
                 on_gpu = encode(patch.to(cuda), meta)

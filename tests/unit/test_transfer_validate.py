@@ -7,7 +7,15 @@ import pickle
 import pytest
 import torch
 
-from wsync.transfer import PatchValidationError, SparsePatch, TensorMeta, validate_declared, validate_params, validate_patches
+from wsync.transfer import (
+    MetaMismatchError,
+    PatchValidationError,
+    SparseMeta,
+    SparsePatch,
+    TensorMeta,
+    check_metas,
+    validate_patches,
+)
 
 SPECS = {"w": TensorMeta("w", "bfloat16", [4, 5]), "b": TensorMeta("b", "float32", [3])}
 I32 = torch.int32
@@ -74,14 +82,16 @@ def test_error_pickles() -> None:
     assert (again.tensor, again.rule, again.message, str(again)) == (err.tensor, err.rule, err.message, str(err))
 
 
-def test_validate_params_and_declared() -> None:
+def test_check_metas() -> None:
     params = {"w": torch.zeros(4, 5, dtype=torch.bfloat16)}
-    validate_params([SPECS["w"]], params)
+    check_metas([SPECS["w"], SparseMeta("w", "torch.bfloat16", [4, 5], 2, "gap", 6)], params)
+    want = r"^w: shape_match: receiver has bfloat16\[4, 5\], update says bfloat16\[5, 4\]"
+    with pytest.raises(MetaMismatchError, match=want):
+        check_metas([SparseMeta("w", "bfloat16", [5, 4], 2, "gap", 6)], params)
     for metas, rule in [([SPECS["b"]], "name_exists"), ([TensorMeta("w", "float32", [4, 5])], "dtype_match"),
                         ([TensorMeta("w", "bfloat16", [5, 4])], "shape_match")]:
         with pytest.raises(PatchValidationError) as info:
-            validate_params(metas, params)
+            check_metas(metas, params)
         assert info.value.rule == rule
-    validate_declared("w", SPECS, "bfloat16", [4, 5])
-    with pytest.raises(PatchValidationError, match="dtype_match"):
-        validate_declared("w", SPECS, "floaty")
+    with pytest.raises(MetaMismatchError, match="dtype_match"):
+        check_metas([TensorMeta("w", "bfloat16", [4, 5])], {"w": torch.zeros(4, 5)})

@@ -22,8 +22,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|endoftext|>"
 #: Qwen2's pre-tokenization regex (as in transformers' Qwen2 tokenizer).
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 )
 
 # Architecture.
@@ -245,7 +246,7 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generate_weights(seed: int = 0, used_rows: int | None = None) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def generate_weights(seed: int = 0, used_rows: int | None = None) -> dict[str, torch.Tensor]:  # noqa: F821
     """bf16 weights drawn from ``np.random.default_rng(seed)`` in sorted parameter-name order.
 
     ``used_rows``: the tokenizer's vocabulary size; embedding rows from there on are scaled by

@@ -1,6 +1,6 @@
 """Pydantic wire models of the wsync HTTP API. No torch/ray imports: the SDK reuses them."""
 
-from .common import REFERENCE_PROMPTS, ErrorBody, ErrorDetail, Generation, Health, Page
+from .common import REFERENCE_PROMPTS, ErrorBody, ErrorDetail, Health, Page, UtcDatetime, iso_utc, utcnow
 from .comparisons import ComparisonCreate, ComparisonReport, PhaseReport, Verdicts
 from .engines import EngineInfo, EngineKind, EngineLaunch, EngineState, GenerateRequest, GenerateResponse
 from .jobs import JobInfo, JobKind, JobState, ResultInfo
@@ -9,7 +9,7 @@ from .sync import EngineSyncReport, SparseEncoding, SyncDense, SyncReport, SyncS
 from .trainer import ParamSpec, TrainerInfo, TrainerLoad, TrainerStep, TrainerStepResult
 
 __all__ = [
-    "REFERENCE_PROMPTS", "ErrorBody", "ErrorDetail", "Generation", "Health", "Page",
+    "REFERENCE_PROMPTS", "ErrorBody", "ErrorDetail", "Health", "Page", "UtcDatetime", "iso_utc", "utcnow",
     "ComparisonCreate", "ComparisonReport", "PhaseReport", "Verdicts",
     "EngineInfo", "EngineKind", "EngineLaunch", "EngineState", "GenerateRequest", "GenerateResponse",
     "JobInfo", "JobKind", "JobState", "ResultInfo",

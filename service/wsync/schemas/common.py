@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from enum import Enum
-from typing import Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
 T = TypeVar("T")
 
-#: The prompts of vLLM's rlhf_sparse_nccl.py example; the comparison's default.
+#: The prompts of vLLM's RLHF sparse-NCCL example; the comparison's default.
 REFERENCE_PROMPTS: list[str] = [
     "Hello, my name is",
     "The president of the United States is",
@@ -53,18 +52,22 @@ class Health(ResponseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
-class Generation(ResponseModel):
-    prompt: str
-    token_ids: list[int]
-    text: str
-
-
 def utcnow() -> datetime:
-    from datetime import timezone
+    """THE clock of wsync's records: now, timezone-aware UTC."""
+    return datetime.now(UTC)
 
-    return datetime.now(timezone.utc)
+
+def as_utc(dt: datetime) -> datetime:
+    """Aware UTC; a naive datetime (as SQLite returns them) is taken to be UTC already."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-class StrEnum(str, Enum):
-    def __str__(self) -> str:  # pragma: no cover - cosmetic
-        return self.value
+def iso_utc(dt: datetime) -> str:
+    """THE timestamp format on the wire and in events: ISO 8601, UTC, microseconds, `Z` suffix,
+    e.g. ``2026-12-01T10:00:00.000000Z``."""
+    return as_utc(dt).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+#: Every timestamp field of the wire models: stored aware UTC, serialized by `iso_utc`.
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc),
+                        PlainSerializer(iso_utc, return_type=str, when_used="json")]

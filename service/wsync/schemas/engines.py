@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
 
-from .common import ResponseModel, StrEnum, WireModel
+from .common import ResponseModel, UtcDatetime, WireModel
 
 
 class EngineKind(StrEnum):
@@ -51,7 +51,7 @@ class EngineInfo(ResponseModel):
     state: EngineState
     version: str | None = Field(default=None, description="Weight version the engine serves.")
     device: str | None = None
-    created_at: datetime
+    created_at: UtcDatetime
     error: str | None = None
     syncs: int = 0
     details: dict = Field(default_factory=dict)

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import Field
 
-from .common import ResponseModel, StrEnum
+from .common import ResponseModel, UtcDatetime
 
 
 class JobState(StrEnum):
@@ -30,9 +30,9 @@ class JobInfo(ResponseModel):
     id: str
     kind: JobKind
     state: JobState
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
     error: str | None = None
     request: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
@@ -44,5 +44,5 @@ class ResultInfo(ResponseModel):
     id: str
     job_id: str
     kind: JobKind
-    created_at: datetime
+    created_at: UtcDatetime
     data: dict[str, Any]

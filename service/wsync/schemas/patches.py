@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from datetime import datetime
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .common import REFERENCE_PROMPTS, ResponseModel, StrEnum, WireModel
+from .common import REFERENCE_PROMPTS, ResponseModel, UtcDatetime, WireModel
 
 
 class PatchKind(StrEnum):
@@ -28,7 +28,8 @@ class TensorPatch(WireModel):
 
 class PatchPrepare(WireModel):
     kind: PatchKind = PatchKind.reference
-    prompts: list[str] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), description="reference: rows come from these prompts' tokens.")
+    prompts: list[str] = Field(default_factory=lambda: list(REFERENCE_PROMPTS),
+                               description="reference: rows come from these prompts' tokens.")
     rows: int = Field(default=32, ge=1, le=65536, description="reference: number of embedding rows to rotate.")
     param: str = Field(default="model.embed_tokens.weight", description="reference: the parameter to patch.")
     density: float | None = Field(default=None, gt=0.0, le=1.0, description="random: fraction of elements changed.")
@@ -37,7 +38,7 @@ class PatchPrepare(WireModel):
     patches: list[TensorPatch] | None = Field(default=None, description="inline: the tensors' changes.")
 
     @model_validator(mode="after")
-    def _kind_fields(self) -> "PatchPrepare":
+    def _kind_fields(self) -> PatchPrepare:
         if self.kind == PatchKind.random and self.density is None:
             raise ValueError("density is required when kind is 'random'")
         if self.kind == PatchKind.inline and not self.patches:
@@ -67,13 +68,15 @@ class PatchTensorInfo(ResponseModel):
 class PatchInfo(ResponseModel):
     id: str
     kind: PatchKind
-    created_at: datetime
+    created_at: UtcDatetime
     base_version: str
     tensors: list[PatchTensorInfo]
     num_elements: int
     payload_bytes: int = Field(description="int32 indices + values, as vLLM's sparse wire carries them.")
     digest: str = Field(description="sha256 of indices bytes + float32 values bytes (the reference's digest).")
     selected_token_ids: list[int] | None = None
-    target_version: str | None = Field(default=None, description="Version engines serve after applying it (default: the patch id).")
-    diff_ms: float | None = Field(default=None, description="delta: time to diff the trainer against the synced snapshot.")
+    target_version: str | None = Field(
+        default=None, description="Version engines serve after applying it (default: the patch id).")
+    diff_ms: float | None = Field(default=None,
+                                     description="delta: time to diff the trainer against the synced snapshot.")
     diff_gbps: float | None = Field(default=None, description="delta: bytes compared (both sides) per second, GB/s.")

@@ -1,18 +1,28 @@
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from enum import StrEnum
+from typing import Any
 
-from .common import ResponseModel, StrEnum, WireModel
+from pydantic import Field, field_validator, model_validator
+
+from .common import ResponseModel, WireModel
 from .patches import TensorPatch
 
 
 class SparseEncoding(StrEnum):
+    """Sparse wire encodings (wsync.transfer.encodings). "gap" / "gap8" were called "delta" /
+    "delta8" before; "delta" now only means a trainer-state diff (SyncSparse.delta)."""
+
     flat_int32 = "flat_int32"
-    delta = "delta"
-    delta8 = "delta8"
+    gap = "gap"
+    gap8 = "gap8"
     bitmask = "bitmask"
     rows = "rows"
     auto = "auto"
+
+
+# Deprecated request spellings of the gap encodings, still accepted on the API.
+DEPRECATED_ENCODINGS = {"delta": SparseEncoding.gap, "delta8": SparseEncoding.gap8}
 
 
 class SyncDense(WireModel):
@@ -26,14 +36,21 @@ class SyncDense(WireModel):
 class SyncSparse(WireModel):
     engine_ids: list[str] = Field(min_length=1)
     patch_id: str | None = Field(default=None, description="A patch prepared with POST /v1/patches.")
-    patches: list[TensorPatch] | None = Field(default=None, description="Inline patches (applied to the trainer, then sent).")
+    patches: list[TensorPatch] | None = Field(default=None,
+                                               description="Inline patches (applied to the trainer, then sent).")
     delta: bool = Field(default=False, description="Diff the trainer's weights against the version the engines "
                         "serve (bit-exact, on the trainer's device) and send exactly what changed.")
-    encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32, description="Wire encoding; flat_int32 is vLLM's.")
+    encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32,
+                                     description="Wire encoding; flat_int32 is vLLM's.")
     verify: bool = True
 
+    @field_validator("encoding", mode="before")
+    @classmethod
+    def _deprecated_encoding(cls, v: Any) -> Any:
+        return DEPRECATED_ENCODINGS.get(v, v) if isinstance(v, str) else v
+
     @model_validator(mode="after")
-    def _one_source(self) -> "SyncSparse":
+    def _one_source(self) -> SyncSparse:
         if sum([self.patch_id is not None, bool(self.patches), self.delta]) != 1:
             raise ValueError("give exactly one of patch_id, patches or delta=true")
         return self

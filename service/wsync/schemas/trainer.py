@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from pydantic import Field
-
 from typing import Literal
+
+from pydantic import Field
 
 from .common import REFERENCE_PROMPTS, ResponseModel, WireModel
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .enc_common import SparsePatch, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts
+from .encodings.common import SparsePatch, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts
 
 __all__ = ["apply_patch", "apply_patches"]
 BATCH_ON_CPU = False
@@ -56,14 +56,15 @@ def _disjoint(group: list[tuple[torch.Tensor, SparsePatch]]) -> bool:
 def _scatter_group(group: list[tuple[torch.Tensor, SparsePatch]]) -> None:
     """One index_copy_ per kernel-budget chunk over the storage all of the group's targets share."""
     first = group[0][0]
-    base = min(t.storage_offset() for t, _ in group)
-    end = max(t.storage_offset() + t.numel() for t, _ in group)
-    flat = torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage(), base, (end - base,))
+    base = min(int(t.storage_offset()) for t, _ in group)
+    end = max(int(t.storage_offset()) + t.numel() for t, _ in group)
+    flat = torch.empty(0, dtype=first.dtype, device=first.device)
+    flat.set_(first.untyped_storage(), base, (end - base,), (1,))
     for ids in chunk_ids([p.count for _, p in group], kernel_budget(first.device)):
         part = [group[i] for i in ids]
         counts = [p.count for _, p in part]
         total = seg_starts(counts)[-1]
-        (shifts,) = device_ints(first.device, [t.storage_offset() - base for t, _ in part])
+        (shifts,) = device_ints(first.device, [int(t.storage_offset()) - base for t, _ in part])
         idx = torch.cat([p.indices.to(first.device) for _, p in part]).long()
         idx += repeat_per_segment(shifts, counts, total)
         vals = torch.cat([p.values.to(first.device) for _, p in part])

@@ -13,7 +13,7 @@ scatter, O(changed elements)), `diff` for the next patch.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -21,7 +21,7 @@ from .encodings import SparsePatch
 from .meta import INT32_MAX
 from .sparse import apply_patch
 
-__all__ = ["diff_patches", "changed_counts", "Snapshot", "DeltaError"]
+__all__ = ["diff_patches", "Snapshot", "DeltaError"]
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -48,7 +48,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8).view(-1, size)
 
 
-def _check_pair(name: str, cur: torch.Tensor, old: torch.Tensor | None) -> None:
+def _check_pair(name: str, cur: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """`old` when it can be diffed against `cur` (same dtype, shape, device; int32-addressable)."""
     if old is None:
         raise DeltaError(f"{name}: no synced version of this tensor")
     if cur.dtype != old.dtype or cur.shape != old.shape:
@@ -60,6 +61,7 @@ def _check_pair(name: str, cur: torch.Tensor, old: torch.Tensor | None) -> None:
     if cur.numel() > INT32_MAX:
         raise DeltaError(f"{name}: {cur.numel()} elements exceed the int32 index range (2**31-1); "
                          "a sparse patch cannot address this tensor")
+    return old
 
 
 def _change_masks(pairs: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -77,7 +79,7 @@ def _host_counts(masks: list[torch.Tensor]) -> list[int]:
     per_device: dict[torch.device, list[int]] = {}
     for i, m in enumerate(masks):
         per_device.setdefault(m.device, []).append(i)
-    for dev, idxs in per_device.items():
+    for idxs in per_device.values():
         sums = torch.stack([masks[i].sum(dtype=torch.int64) for i in idxs]).tolist()
         for i, c in zip(idxs, sums):
             counts[i] = int(c)
@@ -123,8 +125,7 @@ def diff_patches(current: _Named, synced: _Named, include_empty: bool = False) -
         raise DeltaError(f"synced holds tensors that current lacks: {extra[:5]}")
     pairs = []
     for name, cur in cur_items:
-        prev = old.get(name)
-        _check_pair(name, cur, prev)
+        prev = _check_pair(name, cur, old.get(name))
         pairs.append((name, cur.detach(), prev.detach()))
     with torch.no_grad():
         masks = _change_masks(pairs)
@@ -136,17 +137,6 @@ def diff_patches(current: _Named, synced: _Named, include_empty: bool = False) -
             idx = _indices(mask, count)
             out.append(SparsePatch(name, idx, _gather(cur, idx)))
     return out
-
-
-def changed_counts(current: _Named, synced: _Named) -> dict[str, int]:
-    """{name: elements whose bits differ} (same rules as `diff_patches`, one host sync)."""
-    cur_items, old = _items(current), dict(_items(synced))
-    pairs = []
-    for name, cur in cur_items:
-        _check_pair(name, cur, old.get(name))
-        pairs.append((name, cur.detach(), old[name].detach()))
-    with torch.no_grad():
-        return dict(zip((n for n, _, _ in pairs), _host_counts(_change_masks(pairs))))
 
 
 class Snapshot:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .group import Handle, SyncGroup
 from .meta import TensorMeta, Timer, TransferStats, bytes_view, first_device, param_metas, view_as_dtype
-from .validate import validate_params
+from .validate import check_metas
 
 __all__ = ["plan_buckets", "send_dense", "recv_dense", "DenseReceiver", "TransferStats"]
 
@@ -53,7 +53,7 @@ def _storage_view(tensors: Sequence[torch.Tensor], bucket: list[int], nbytes: in
             return None
         expected += t.numel() * t.element_size()
     start = first.data_ptr() - storage.data_ptr()
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,))
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, start, (nbytes,), (1,))
 
 
 def _is_direct(tensors: Sequence[torch.Tensor], bucket: list[int]) -> bool:
@@ -83,9 +83,10 @@ class _Slots:
 
     def buffer(self, slot: int) -> torch.Tensor:
         """The slot's whole buffer, allocated on first use."""
-        if self.bufs[slot] is None:
-            self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
-        return self.bufs[slot]
+        buf = self.bufs[slot]
+        if buf is None:
+            buf = self.bufs[slot] = torch.empty(self.size, dtype=torch.uint8, device=self.device)
+        return buf
 
     def take(self, nbytes: int) -> tuple[int, torch.Tensor]:
         slot = self.turn
@@ -218,7 +219,7 @@ class DenseReceiver:
 
     def __init__(self, metas: Sequence[TensorMeta], bucket_bytes: int, params: Mapping[str, torch.Tensor],
                  device: torch.device | None = None) -> None:
-        validate_params(metas, params)
+        check_metas(metas, params)
         self.metas = list(metas)
         targets = [params[m.name].detach() for m in self.metas]
         self.device = first_device(targets, device or torch.device("cpu"))

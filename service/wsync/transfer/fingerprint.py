@@ -9,13 +9,13 @@ Only two int64 scalars per tensor reach the host.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from .meta import bytes_view, dtype_name
 
-Named = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 P = 2**31 - 1
 CHUNK_WORDS = 1 << 24  # bounds temporary memory to a few hundred MiB
 _MUL, _ADD = 1_000_003, 12_345
@@ -59,11 +59,6 @@ def fingerprint(named_tensors: Named) -> dict[str, str]:
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     with torch.no_grad():
         return {name: fingerprint_tensor(t) for name, t in items}
-
-
-def fingerprint_all(named_tensors: Named) -> str:
-    """sha256 over `name=fingerprint` lines, sorted by name."""
-    return digest(fingerprint(named_tensors))
 
 
 def digest(fingerprints: dict[str, str]) -> str:

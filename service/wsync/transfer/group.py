@@ -55,7 +55,7 @@ class Rendezvous:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Rendezvous":
+    def from_dict(cls, d: dict[str, Any]) -> Rendezvous:
         return cls(**d)
 
 
@@ -121,7 +121,7 @@ class SyncGroup:
                     continue
         self._store = None
 
-    def __enter__(self) -> "SyncGroup":
+    def __enter__(self) -> SyncGroup:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-INT32_MAX = 2**31 - 1
+#: THE int32 bounds: sparse indices are int32, so a tensor addresses at most INT32_MAX + 1 elements.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: Bytes of one sparse index on vLLM's wire (int32); see `sparse.payload_bytes`.
+INDEX_BYTES = 4
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -57,12 +61,17 @@ class TensorMeta:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorMeta":
+    def from_dict(cls, d: dict[str, Any]) -> TensorMeta:
         return cls(name=d["name"], dtype=d["dtype"], shape=list(d["shape"]))
 
     @classmethod
-    def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorMeta:
         return cls(name, dtype_name(tensor.dtype), list(tensor.shape))
+
+
+def dense_payload_bytes(metas: Iterable[TensorMeta]) -> int:
+    """THE dense payload: every element of every tensor in its own dtype."""
+    return sum(m.nbytes for m in metas)
 
 
 def param_metas(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
@@ -96,7 +105,7 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._sync()
         self._t0 = time.perf_counter()
         return self

@@ -4,37 +4,53 @@
 order). All other metas go in ONE packed uint8 stream after them; each tensor's section starts at
 an 8-byte aligned offset (zero padding), in metas order.
 
-Planning, packing and unpacking are batched over all tensors of a sync (see encodings.py and the
-enc_* modules): one host sync to plan (two when some patch is not ascending), none to pack the
+Planning, packing and unpacking are batched over all tensors of a sync (see the encodings
+subpackage): one host sync to plan (two when some patch is not ascending), none to pack the
 stream of patches just planned, one to unpack and check it.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from .encodings import (
-    AUTO, AUTO_ORDER, DENSE, ENCODINGS, FLAT, IndexStats, SparseMeta, SparsePatch, check_numel, decode,
-    decode_many, encode, encode_pieces, encoded_sizes, plan_stats,
-)
 from .apply import apply_patch, apply_patches
+from .encodings import (
+    AUTO,
+    AUTO_ORDER,
+    DENSE,
+    ENCODINGS,
+    FLAT,
+    IndexStats,
+    SparseMeta,
+    SparsePatch,
+    check_numel,
+    decode,
+    decode_many,
+    encode,
+    encode_pieces,
+    encoded_sizes,
+    plan_stats,
+)
 from .group import Handle, SyncGroup
-from .meta import TensorMeta, Timer, TransferStats, first_device
+from .meta import INDEX_BYTES, TensorMeta, Timer, TransferStats, first_device
 
 __all__ = [
     "SparsePatch", "SparseMeta", "ENCODINGS", "plan_sparse", "send_sparse", "recv_sparse",
-    "recv_sparse_with_stats", "post_sparse", "SparseReceive", "apply_patch", "apply_patches", "payload_bytes", "stream_layout",
+    "recv_sparse_with_stats", "post_sparse", "SparseReceive", "apply_patch", "apply_patches", "payload_bytes",
+    "stream_layout",
     "encode", "decode", "pack_stream",
 ]
 ALIGN = 8
 
 
-def payload_bytes(patches: Iterable[SparsePatch]) -> int:
-    """vLLM's sparse payload: int32 indices + values, per changed element."""
-    return sum(p.count * 4 + p.count * p.values.element_size() for p in patches)
+def payload_bytes(items: Iterable[SparsePatch | SparseMeta]) -> int:
+    """THE sparse payload (vLLM's sparse wire): an int32 index + a value in the param dtype per
+    changed element, whatever encoding actually carries it. Takes patches or their metas."""
+    return sum(x.count * (INDEX_BYTES + (x.values.element_size() if isinstance(x, SparsePatch) else x.spec.itemsize))
+               for x in items)
 
 
 def _plan_one(patch: SparsePatch, spec: TensorMeta, encoding: str, full_ok: bool,

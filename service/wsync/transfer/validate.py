@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +36,7 @@ class PatchValidationError(Exception):
         return {"tensor": self.tensor, "rule": self.rule, "message": self.message}
 
 
-def _host_checks(patch: "SparsePatch", specs: Mapping[str, TensorMeta], seen: set[str]) -> _Failure | None:
+def _host_checks(patch: SparsePatch, specs: Mapping[str, TensorMeta], seen: set[str]) -> _Failure | None:
     """Rules that need no device work, in contract order; the first failure or None."""
     name, idx, vals = patch.name, patch.indices, patch.values
     if name not in specs:
@@ -56,7 +57,7 @@ def _host_checks(patch: "SparsePatch", specs: Mapping[str, TensorMeta], seen: se
     return None
 
 
-def _device_flags(patch: "SparsePatch", numel: int) -> torch.Tensor:
+def _device_flags(patch: SparsePatch, numel: int) -> torch.Tensor:
     """[in_range, unique, finite] as a bool tensor on the patch's device (no host sync)."""
     idx, vals = patch.indices, patch.values
     ok_range = (idx >= 0).all()
@@ -82,11 +83,11 @@ def _messages(numel: int) -> dict[str, str]:
     }
 
 
-def validate_patches(patches: Sequence["SparsePatch"], specs: Mapping[str, TensorMeta]) -> None:
+def validate_patches(patches: Sequence[SparsePatch], specs: Mapping[str, TensorMeta]) -> None:
     """Raise PatchValidationError for the first broken rule (patches in order, rules in order)."""
     seen: set[str] = set()
-    checked: list["SparsePatch"] = []
-    host_failure: tuple["SparsePatch", _Failure] | None = None
+    checked: list[SparsePatch] = []
+    host_failure: tuple[SparsePatch, _Failure] | None = None
     for patch in patches:
         failure = _host_checks(patch, specs, seen)
         if failure is not None:
@@ -104,7 +105,7 @@ def validate_patches(patches: Sequence["SparsePatch"], specs: Mapping[str, Tenso
         raise PatchValidationError(patch.name, rule, message)
 
 
-def _all_device_flags(patches: Sequence["SparsePatch"], specs: Mapping[str, TensorMeta]) -> list[list[bool]]:
+def _all_device_flags(patches: Sequence[SparsePatch], specs: Mapping[str, TensorMeta]) -> list[list[bool]]:
     """Device-side flags of every patch, fetched with one host sync per device."""
     per_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, patch in enumerate(patches):
@@ -118,12 +119,29 @@ def _all_device_flags(patches: Sequence["SparsePatch"], specs: Mapping[str, Tens
     return rows
 
 
-def validate_params(metas: Sequence[TensorMeta], params: Mapping[str, torch.Tensor]) -> None:
-    """Every meta names a parameter of the same dtype and shape (rules name_exists/dtype_match/shape_match)."""
+class MetaMismatchError(PatchValidationError):
+    """An update's metadata does not match the receiver's parameters (rule name_exists / dtype_match /
+    shape_match); raised before any byte is received. str() names the tensor."""
+
+
+def check_metas(metas: Iterable[Any], params: Mapping[str, torch.Tensor]) -> None:
+    """THE metas-vs-parameters check: every meta (TensorMeta, SparseMeta, or anything with name,
+    dtype and shape) names a parameter in `params` of the same dtype and shape; otherwise
+    MetaMismatchError naming the tensor, e.g. ``w: dtype_match: receiver has float32[4, 4], update
+    says bfloat16[4, 4]``. Host-only, no device work."""
     for meta in metas:
-        tensor = params.get(meta.name)
-        specs = {} if tensor is None else {meta.name: TensorMeta.of(meta.name, tensor)}
-        validate_declared(meta.name, specs, meta.dtype, meta.shape)
+        name, dtype, shape = meta.name, meta.dtype, [int(s) for s in meta.shape]
+        tensor = params.get(name)
+        if tensor is None:
+            raise MetaMismatchError(name, "name_exists", "no such parameter in the receiver")
+        have_dtype, have_shape = dtype_name(tensor.dtype), list(tensor.shape)
+        if _normalized(str(dtype)) != have_dtype or shape != have_shape:
+            rule = "dtype_match" if _normalized(str(dtype)) != have_dtype else "shape_match"
+            raise MetaMismatchError(name, rule, f"receiver has {have_dtype}{have_shape}, update says {dtype}{shape}")
+
+
+#: Former name of `check_metas`, kept while callers switch.
+validate_params = check_metas
 
 
 def _normalized(dtype: str) -> str | None:
@@ -131,15 +149,3 @@ def _normalized(dtype: str) -> str | None:
         return dtype_name(torch_dtype(dtype))
     except ValueError:
         return None
-
-
-def validate_declared(tensor: str, specs: Mapping[str, TensorMeta], dtype: str | None = None,
-                      shape: Sequence[int] | None = None) -> None:
-    """A tensor's declared dtype/shape (optional) must equal the parameter's."""
-    if tensor not in specs:
-        raise PatchValidationError(tensor, "name_exists", "no such parameter")
-    spec = specs[tensor]
-    if dtype is not None and _normalized(dtype) != spec.dtype:
-        raise PatchValidationError(tensor, "dtype_match", f"declared {dtype}, parameter is {spec.dtype}")
-    if shape is not None and [int(s) for s in shape] != spec.shape:
-        raise PatchValidationError(tensor, "shape_match", f"declared {list(shape)}, parameter is {spec.shape}")

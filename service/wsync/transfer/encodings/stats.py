@@ -1,6 +1,6 @@
 """Batched index statistics of sparse patches (for planning and for encoding without re-sorting).
 
-Sortedness, uniqueness, range, widest gap, delta8 escape bytes and whole-row checks of many index
+Sortedness, uniqueness, range, widest gap, gap8 escape bytes and whole-row checks of many index
 tensors come from one pass over all of them concatenated (per-segment reductions over fixed-size
 blocks) and ONE host sync; a second only when some tensor is not ascending, for one segmented sort
 of those. Results are cached per indices tensor (keyed by the tensor object and its version
@@ -10,13 +10,22 @@ needs neither a sort nor a host sync.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .enc_common import (
-    ESC, cat_parts, chunk_ids, device_ints, flat_index, kernel_budget, repeat_per_segment, seg_starts,
+from ..meta import INT32_MAX
+from .common import (
+    ESC,
+    cat_parts,
+    chunk_ids,
+    device_ints,
+    flat_index,
+    kernel_budget,
+    repeat_per_segment,
+    seg_starts,
 )
 
 BLOCK = 128  # block length of the batched statistics pass (each segment padded to whole blocks)
@@ -31,7 +40,7 @@ class IndexStats:
     first: int  # smallest index
     last: int  # largest index
     max_gap: int  # widest gap of the sorted indices (gap0 = first index)
-    escapes: int | None  # delta8 escape bytes (None: not computed)
+    escapes: int | None  # gap8 escape bytes (None: not computed)
     rows: dict[int, bool] = field(default_factory=dict)  # cols -> exactly whole rows of a [*, cols] tensor
     order: tuple[torch.Tensor, torch.Tensor] | None = None  # (ascending indices, permutation) unless ascending
 
@@ -88,7 +97,7 @@ def _block_ranges(starts: Sequence[int], lens: Sequence[int], stride: Sequence[i
 
 def _seg_stats(xs_list: Sequence[torch.Tensor], cols: Sequence[int], escapes: bool) -> list[list[int]]:
     """Per segment (non-empty 1-D int32/int64 index tensors on one device), in the GIVEN order:
-    [min index, max index, min gap, max gap, bad rows (cols > 1), delta8 escapes, first index]; ONE
+    [min index, max index, min gap, max gap, bad rows (cols > 1), gap8 escapes, first index]; ONE
     host sync for all (they go through the kernels in batches of about `kernel_budget` indices)."""
     if not xs_list:
         return []
@@ -177,8 +186,8 @@ def _seg_stats_dev(xs_list: Sequence[torch.Tensor], cols: Sequence[int], escapes
 
 def _segmented_sort(xs_list: Sequence[torch.Tensor], maxes: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(ascending indices, permutation) of each segment: ONE sort of (segment, index) keys when the
-    indices are in [0, 2**31), else one sort per segment."""
-    if not all(0 <= m < 2**31 for m in maxes) or len(xs_list) == 1:
+    indices are in [0, INT32_MAX], else one sort per segment."""
+    if not all(0 <= m <= INT32_MAX for m in maxes) or len(xs_list) == 1:
         out = []
         for x in xs_list:
             s, perm = torch.sort(x)
@@ -201,7 +210,7 @@ def _segmented_sort(xs_list: Sequence[torch.Tensor], maxes: Sequence[int]) -> li
 def compute_stats(xs_list: list[torch.Tensor], cols: list[int], escapes: bool) -> list[IndexStats]:
     """Stats of non-empty 1-D index tensors on one device (uncached): one host sync, two if some
     are not ascending. `cols[i]` > 0 also checks whole rows of that length; `escapes` also counts
-    delta8 escape bytes."""
+    gap8 escape bytes."""
     raw = _seg_stats(xs_list, cols, escapes)
     out: list[IndexStats | None] = [None] * len(xs_list)
     resort = []

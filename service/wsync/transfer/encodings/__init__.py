@@ -1,12 +1,12 @@
 """Sparse wire encodings: one tensor's patch <-> raw bytes, bit-exact. The public face of the
-encodings; the batched machinery lives in enc_common (names, dataclasses, helpers), enc_stats
-(index statistics), enc_pack (encode) and enc_unpack (decode).
+encodings; the batched machinery lives in common (names, dataclasses, helpers), stats
+(index statistics), pack (encode) and unpack (decode).
 
 Layouts (c = count, values are the param dtype's raw bits, indices sorted ascending unless noted):
   flat_int32: int32 indices (given order) | values               (vLLM's wire, sent as two broadcasts)
-  delta:      values | gaps (uint8 / int16-as-uint16 / int32), gap0 = i0, gapk = ik - ik-1 - 1;
+  gap:        values | gaps (uint8 / int16-as-uint16 / int32), gap0 = i0, gapk = ik - ik-1 - 1;
               the width is (nbytes - c*itemsize) / c
-  delta8:     values | uint8 gaps with escapes: a gap g is written as g // 255 bytes of 255 then g % 255,
+  gap8:       values | uint8 gaps with escapes: a gap g is written as g // 255 bytes of 255 then g % 255,
               so dense-ish patches (gaps mostly < 255) cost ~1 index byte per element
   bitmask:    values | ceil(numel/8) bytes, bit j of byte b marks element 8b+j
   (an empty patch is 0 bytes in every encoding)
@@ -22,21 +22,34 @@ kernels per encoding, not per tensor; `decode_many` is one host sync (the index-
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .enc_common import (
-    AUTO, AUTO_ORDER, BITMASK, DELTA, DELTA8, DENSE, ENCODINGS, FLAT, ROWS, WIRE_ENCODINGS, SparseMeta,
-    SparsePatch, check_numel, gap_width, rows_cols,
+from ..meta import TensorMeta
+from .common import (
+    AUTO,
+    AUTO_ORDER,
+    BITMASK,
+    DENSE,
+    ENCODINGS,
+    FLAT,
+    GAP,
+    GAP8,
+    ROWS,
+    WIRE_ENCODINGS,
+    SparseMeta,
+    SparsePatch,
+    check_numel,
+    gap_width,
+    rows_cols,
 )
-from .enc_pack import encode_pieces
-from .enc_stats import IndexStats, stats_for
-from .enc_unpack import decode_many
-from .meta import TensorMeta
+from .pack import encode_pieces
+from .stats import IndexStats, stats_for
+from .unpack import decode_many
 
 __all__ = [
-    "FLAT", "DELTA", "DELTA8", "BITMASK", "ROWS", "DENSE", "AUTO", "ENCODINGS", "WIRE_ENCODINGS", "AUTO_ORDER",
+    "FLAT", "GAP", "GAP8", "BITMASK", "ROWS", "DENSE", "AUTO", "ENCODINGS", "WIRE_ENCODINGS", "AUTO_ORDER",
     "SparsePatch", "SparseMeta", "IndexStats", "check_numel", "candidate_sizes", "plan_stats", "encoded_sizes",
     "encode", "encode_pieces", "decode", "decode_many",
 ]
@@ -50,13 +63,13 @@ def encoded_sizes(count: int, spec: TensorMeta, full_ok: bool, st: IndexStats | 
     c, isz, numel = count, spec.itemsize, spec.numel
     sizes = {BITMASK: c * isz + (numel + 7) // 8 if c else 0}
     if c == 0 or st is None:  # nothing to send, whatever the encoding
-        sizes[DELTA] = sizes[DELTA8] = sizes[ROWS] = 0
+        sizes[GAP] = sizes[GAP8] = sizes[ROWS] = 0
     else:
         if not st.ok or st.last >= numel:
             raise ValueError(f"{spec.name}: indices must be unique and in [0, {numel})")
-        sizes[DELTA] = c * (isz + gap_width(st.max_gap))
+        sizes[GAP] = c * (isz + gap_width(st.max_gap))
         if st.escapes is not None:
-            sizes[DELTA8] = c * (isz + 1) + st.escapes
+            sizes[GAP8] = c * (isz + 1) + st.escapes
         cols = rows_cols(spec.shape, c)
         if st.rows_ok(cols):
             sizes[ROWS] = c * isz + (c // cols) * 4
@@ -74,7 +87,7 @@ def plan_stats(patches: Sequence[SparsePatch], specs: Sequence[TensorMeta], enco
         return out
     ids = [i for i, p in enumerate(patches) if p.count]
     cols = [rows_cols(specs[i].shape, patches[i].count) if encoding in (AUTO, ROWS) else 0 for i in ids]
-    stats = stats_for([patches[i].indices for i in ids], cols, encoding in (AUTO, DELTA8))
+    stats = stats_for([patches[i].indices for i in ids], cols, encoding in (AUTO, GAP8))
     for i, st in zip(ids, stats):
         out[i] = st
     return out

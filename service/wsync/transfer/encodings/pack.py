@@ -1,24 +1,40 @@
 """Batched sparse encode: many (patch, meta) at once -> each patch's uint8 wire pieces.
 
 Values go first (in ascending index order for the sorted encodings), then the index bytes. The
-index tails of all patches that share an encoding (and device, and delta width) are built by a
+index tails of all patches that share an encoding (and device, and gap width) are built by a
 handful of kernels over their concatenated sorted indices, not per tensor. Validation against the
-meta uses the index statistics of enc_stats (cached by `plan_sparse`, so no sort and no host sync
+meta uses the index statistics of encodings.stats (cached by `plan_sparse`, so no sort and no host sync
 for patches just planned; otherwise one host sync per device).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .enc_common import (
-    BITMASK, DELTA, DELTA8, DENSE, ESC, FLAT, GAP_DTYPES, I32, ROWS, SparseMeta, SparsePatch, cat_parts,
-    check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, rows_cols, seg_starts,
+from ..meta import INT32_MAX, TensorMeta, bytes_view
+from .common import (
+    BITMASK,
+    DENSE,
+    ESC,
+    FLAT,
+    GAP,
+    GAP8,
+    GAP_DTYPES,
+    ROWS,
+    SparseMeta,
+    SparsePatch,
+    cat_parts,
+    check_numel,
+    chunk_ids,
+    device_ints,
+    kernel_budget,
+    repeat_per_segment,
+    rows_cols,
+    seg_starts,
 )
-from .enc_stats import IndexStats, sorted_order, stats_for
-from .meta import TensorMeta, bytes_view
+from .stats import IndexStats, sorted_order, stats_for
 
 Item = tuple[SparsePatch, SparseMeta, "torch.Tensor | None"]
 
@@ -40,7 +56,7 @@ def _gaps(xs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
 
 
 def _tails_escaped(s_list: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
-    """delta8 gap bytes of each ascending index tensor (`sizes`: its known byte count)."""
+    """gap8 gap bytes of each ascending index tensor (`sizes`: its known byte count)."""
     counts = [int(s.numel()) for s in s_list]
     xs = cat_parts(s_list)
     g = _gaps(xs, counts)
@@ -48,7 +64,7 @@ def _tails_escaped(s_list: Sequence[torch.Tensor], sizes: Sequence[int]) -> list
     last = torch.sub(g, k, alpha=ESC).to(torch.uint8)  # g % 255
     total = sum(sizes)
     k.add_(1)
-    ends = torch.cumsum(k, 0, dtype=torch.int32 if total < I32 else torch.int64)
+    ends = torch.cumsum(k, 0, dtype=torch.int32 if total < INT32_MAX else torch.int64)
     ends.sub_(1)  # where each element's final byte goes
     out = torch.full((total,), ESC, dtype=torch.uint8, device=xs.device)
     out.index_put_((ends,), last)
@@ -56,7 +72,7 @@ def _tails_escaped(s_list: Sequence[torch.Tensor], sizes: Sequence[int]) -> list
 
 
 def _tails_gaps(s_list: Sequence[torch.Tensor], width: int) -> list[torch.Tensor]:
-    """delta gap bytes (`width` bytes each) of each ascending index tensor."""
+    """gap bytes (`width` bytes each) of each ascending index tensor."""
     counts = [int(s.numel()) for s in s_list]
     g = _gaps(cat_parts(s_list), counts)
     if width == 2:
@@ -73,7 +89,7 @@ def _tails_bits(s_list: Sequence[torch.Tensor], numels: Sequence[int]) -> list[t
         counts = [int(s_list[i].numel()) for i in ids]
         nb = [nbytes[i] for i in ids]
         dev, total_bits, n = s_list[ids[0]].device, sum(nb) * 8, sum(counts)
-        small = total_bits < I32
+        small = total_bits < INT32_MAX
         (bases,) = device_ints(dev, [b * 8 for b in seg_starts(nb)[:-1]])
         pos = cat_parts([s_list[i] for i in ids]).to(torch.int32 if small else torch.int64)
         pos = pos + repeat_per_segment(bases.to(pos.dtype), counts, n)
@@ -98,16 +114,16 @@ def _check_sorted(meta: SparseMeta, st: IndexStats, nvals: int) -> int:
     """Validate a sorted-order encoding against the index stats (host only); its tail bytes."""
     c, numel = meta.count, meta.spec.numel
     vbytes = nvals * meta.spec.itemsize
-    if meta.encoding == DELTA:
+    if meta.encoding == GAP:
         width = (meta.nbytes - c * meta.spec.itemsize) // c
         if not st.ok or st.max_gap >= 2 ** (8 * max(width, 0)):
-            raise ValueError(f"delta gaps do not fit {width} byte(s) (indices unsorted/duplicate?)")
+            raise ValueError(f"gaps do not fit {width} byte(s) (indices unsorted/duplicate?)")
         if width not in GAP_DTYPES:
             raise ValueError(f"{meta.name}: {meta.nbytes - c * meta.spec.itemsize} gap bytes for {c} indices")
         tail = c * width
-    elif meta.encoding == DELTA8:
+    elif meta.encoding == GAP8:
         if not st.ok:
-            raise ValueError("delta8 gaps need sorted unique indices")
+            raise ValueError("gap8 gaps need sorted unique indices")
         tail = c + int(st.escapes or 0)
     elif meta.encoding == BITMASK:
         if st.first < 0 or st.last >= numel:
@@ -152,8 +168,9 @@ def _host_pieces(items: Sequence[Item], out: list[list[torch.Tensor] | None]) ->
                 out[i] = [idx_b, bytes_view(patch.values.contiguous()).to(idx_b.device)]
             else:
                 sorted_ids.append(i)
-            if out[i] is not None:
-                got = sum(int(p.numel()) for p in out[i])  # type: ignore[union-attr]
+            done = out[i]
+            if done is not None:
+                got = sum(p.numel() for p in done)
                 if got != meta.nbytes:
                     raise ValueError(f"{meta.name}: encoded {got} bytes, meta says {meta.nbytes}")
         except ValueError as exc:
@@ -163,10 +180,10 @@ def _host_pieces(items: Sequence[Item], out: list[list[torch.Tensor] | None]) ->
 
 def _tail_batches(items: Sequence[Item], ids_by_key: dict[tuple, list[int]],
                   order: dict[int, torch.Tensor]) -> list[tuple[tuple, list[int]]]:
-    """Kernel batches: delta and delta8 groups cut to the device's budget of indices."""
+    """Kernel batches: gap and gap8 groups cut to the device's budget of indices."""
     batches: list[tuple[tuple, list[int]]] = []
     for key, ids in ids_by_key.items():
-        if key[0] in (DELTA8, DELTA):
+        if key[0] in (GAP8, GAP):
             budget = kernel_budget(order[ids[0]].device)
             batches += [(key, [ids[j] for j in part]) for part in chunk_ids([items[i][1].count for i in ids], budget)]
         else:
@@ -183,7 +200,7 @@ def encode_pieces(items: Sequence[Item]) -> list[list[torch.Tensor]]:
     sorted_ids, host_error = _host_pieces(items, out)
     cols = [rows_cols(items[i][1].shape, items[i][1].count) if items[i][1].encoding == ROWS else 0
             for i in sorted_ids]
-    escapes = any(items[i][1].encoding == DELTA8 for i in sorted_ids)
+    escapes = any(items[i][1].encoding == GAP8 for i in sorted_ids)
     stats = stats_for([items[i][0].indices for i in sorted_ids], cols, escapes)
     tails: dict[int, int] = {}
     for i, st in zip(sorted_ids, stats):
@@ -200,18 +217,18 @@ def encode_pieces(items: Sequence[Item]) -> list[list[torch.Tensor]]:
         out[i] = [bytes_view(vals.contiguous())]
         order[i] = s
         enc = meta.encoding
-        if enc == DELTA:
+        if enc == GAP:
             key: tuple = (enc, s.device, tails[i] // meta.count)
-        elif enc in (DELTA8, BITMASK):
+        elif enc in (GAP8, BITMASK):
             key = (enc, s.device)
         else:  # ROWS, DENSE: per tensor
             key = (enc, i)
         groups.setdefault(key, []).append(i)
     for key, ids in _tail_batches(items, groups, order):
         enc = key[0]
-        if enc == DELTA8:
+        if enc == GAP8:
             pieces = _tails_escaped([order[i] for i in ids], [tails[i] for i in ids])
-        elif enc == DELTA:
+        elif enc == GAP:
             pieces = _tails_gaps([order[i] for i in ids], key[2])
         elif enc == BITMASK:
             pieces = _tails_bits([order[i] for i in ids], [items[i][1].spec.numel for i in ids])
@@ -221,5 +238,7 @@ def encode_pieces(items: Sequence[Item]) -> list[list[torch.Tensor]]:
         else:
             continue
         for i, piece in zip(ids, pieces):
-            out[i].append(piece.to(out[i][0].device))  # type: ignore[union-attr]
-    return out  # type: ignore[return-value]
+            have = out[i]
+            assert have is not None  # every sorted item got its values bytes above
+            have.append(piece.to(have[0].device))
+    return [p if p is not None else [] for p in out]

@@ -1,5 +1,5 @@
-"""Shared vocabulary of the sparse encodings (encodings.py is the public face; this module sits
-below enc_stats / enc_pack / enc_unpack so that none of them imports another's internals).
+"""Shared vocabulary of the sparse encodings (the package __init__ is the public face; this module sits
+below stats / pack / unpack so that none of them imports another's internals).
 
 Holds the encoding names, the wire dataclasses (SparsePatch, SparseMeta), the kernel batch budgets,
 and the small host/device helpers that the batched statistics, encode and decode all use:
@@ -8,22 +8,22 @@ segment offsets, host ints -> device in one non-blocking copy, per-segment repea
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .meta import INT32_MAX, TensorMeta, dtype_name, torch_dtype
+from ..meta import INT32_MAX, TensorMeta, dtype_name, torch_dtype
 
-FLAT, DELTA, DELTA8, BITMASK, ROWS, DENSE, AUTO = (
-    "flat_int32", "delta", "delta8", "bitmask", "rows", "dense", "auto")
-ENCODINGS = (FLAT, DELTA, DELTA8, BITMASK, ROWS, AUTO)  # what callers may ask for
-WIRE_ENCODINGS = (FLAT, DELTA, DELTA8, BITMASK, ROWS, DENSE)  # what a SparseMeta may carry
-AUTO_ORDER = (DELTA8, DELTA, ROWS, BITMASK, DENSE)  # tie-break among equal sizes
-ESC = 255  # delta8 escape byte
-GAP_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # delta gap width -> wire dtype
-I32 = 2**31 - 1
+FLAT, GAP, GAP8, BITMASK, ROWS, DENSE, AUTO = (
+    "flat_int32", "gap", "gap8", "bitmask", "rows", "dense", "auto")
+ENCODINGS = (FLAT, GAP, GAP8, BITMASK, ROWS, AUTO)  # what callers may ask for
+WIRE_ENCODINGS = (FLAT, GAP, GAP8, BITMASK, ROWS, DENSE)  # what a SparseMeta may carry
+AUTO_ORDER = (GAP8, GAP, ROWS, BITMASK, DENSE)  # tie-break among equal sizes
+ESC = 255  # gap8 escape byte
+GAP_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # gap width -> wire dtype
 # Kernel batch budgets (read at call time through `kernel_budget`, so tests and benches may patch
 # them here). Indices handled by one batch of kernels bound the scratch memory. On CPU a small batch
 # keeps each temporary under glibc's mmap threshold (32 MiB), where a fresh mmap per call costs more
@@ -47,7 +47,7 @@ class SparsePatch:
     def count(self) -> int:
         return int(self.indices.numel())
 
-    def to(self, device: torch.device | str) -> "SparsePatch":
+    def to(self, device: torch.device | str) -> SparsePatch:
         return SparsePatch(self.name, self.indices.to(device), self.values.to(device))
 
 
@@ -77,7 +77,7 @@ class SparseMeta:
                 "encoding": self.encoding, "nbytes": self.nbytes}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SparseMeta":
+    def from_dict(cls, d: Mapping[str, Any]) -> SparseMeta:
         return cls(d["name"], d["dtype"], list(d["shape"]), int(d["count"]), d["encoding"], int(d["nbytes"]))
 
 
@@ -97,7 +97,7 @@ def kernel_budget(device: torch.device, bits: bool = False) -> int:
 
 
 def gap_width(max_gap: int) -> int:
-    """Bytes per delta gap for gaps up to `max_gap`."""
+    """Bytes per gap for gaps up to `max_gap`."""
     return 1 if max_gap < 2**8 else 2 if max_gap < 2**16 else 4
 
 

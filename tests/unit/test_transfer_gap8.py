@@ -1,4 +1,4 @@
-"""delta8: 8-bit gaps with escapes — bit-exact round trips, escape boundaries, and auto's choice."""
+"""gap8: 8-bit gaps with escapes — bit-exact round trips, escape boundaries, and auto's choice."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from wsync.transfer.sparse import decode, encode, plan_sparse
 SPEC = TensorMeta("w", "bfloat16", [100, 1000])
 
 
-def roundtrip(indices: list[int], encoding: str = "delta8"):
+def roundtrip(indices: list[int], encoding: str = "gap8"):
     idx = torch.tensor(indices, dtype=torch.int32)
     vals = torch.randn(len(indices)).to(torch.bfloat16)
     meta = plan_sparse([SparsePatch("w", idx, vals)], {"w": SPEC}, encoding)[0]
@@ -38,14 +38,14 @@ def test_random_densities_round_trip(density):
     roundtrip(torch.randperm(SPEC.numel)[:c].tolist())
 
 
-def test_auto_prefers_delta8_when_gaps_are_short():
+def test_auto_prefers_gap8_when_gaps_are_short():
     torch.manual_seed(2)
     c = SPEC.numel // 100
     meta = roundtrip(torch.randperm(SPEC.numel)[:c].tolist(), "auto")
-    assert meta.encoding == "delta8" and meta.nbytes / c < 3.2
+    assert meta.encoding == "gap8" and meta.nbytes / c < 3.2
 
 
 def test_empty_patch_is_zero_bytes():
     meta = plan_sparse([SparsePatch("w", torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bfloat16))],
-                       {"w": SPEC}, "delta8")[0]
+                       {"w": SPEC}, "gap8")[0]
     assert meta.nbytes == 0

@@ -1,27 +1,42 @@
 """Batched sparse decode: many (meta, bytes) at once -> SparsePatch each (int32 indices, values
 viewing the buffer where aligned).
 
-Tails of the same encoding (and device, and delta width) are decoded by a handful of kernels over
+Tails of the same encoding (and device, and gap width) are decoded by a handful of kernels over
 their concatenation. The only host sync is ONE per device at the end: the index-count checks of
-delta8 and bitmask (on CUDA, positions come from nonzero_static, sized from the metas, so no sync
+gap8 and bitmask (on CUDA, positions come from nonzero_static, sized from the metas, so no sync
 there either).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .enc_common import (
-    BITMASK, DELTA, DELTA8, DENSE, ESC, FLAT, GAP_DTYPES, I32, ROWS, SparseMeta, SparsePatch, cat_parts,
-    check_numel, chunk_ids, device_ints, kernel_budget, repeat_per_segment, seg_starts,
+from ..meta import INT32_MAX, view_as_dtype
+from .common import (
+    BITMASK,
+    DENSE,
+    ESC,
+    FLAT,
+    GAP,
+    GAP8,
+    GAP_DTYPES,
+    ROWS,
+    SparseMeta,
+    SparsePatch,
+    cat_parts,
+    check_numel,
+    chunk_ids,
+    device_ints,
+    kernel_budget,
+    repeat_per_segment,
+    seg_starts,
 )
-from .meta import view_as_dtype
 
 
 def _idx_dtype(bound: int) -> torch.dtype:
-    return torch.int32 if bound < I32 else torch.int64
+    return torch.int32 if bound < INT32_MAX else torch.int64
 
 
 def _nonzero(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
@@ -51,7 +66,7 @@ def _base_per_segment(cs: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
 
 def _untail_escaped(tails: Sequence[torch.Tensor], counts: Sequence[int],
                     numels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta8 gap bytes -> concatenated indices (int32) and the count each tail really holds.
+    """gap8 gap bytes -> concatenated indices (int32) and the count each tail really holds.
     (Each tail holds at least its count of bytes: checked on the host before.)"""
     b = cat_parts(tails)
     total, n = int(b.numel()), sum(counts)
@@ -73,7 +88,7 @@ def _untail_escaped(tails: Sequence[torch.Tensor], counts: Sequence[int],
 
 def _untail_gaps(tails: Sequence[torch.Tensor], counts: Sequence[int], width: int,
                  numels: Sequence[int]) -> torch.Tensor:
-    """delta gap bytes (`width` each) -> concatenated indices (int32)."""
+    """gap bytes (`width` each) -> concatenated indices (int32)."""
     raw = cat_parts(tails, copy=True)
     dt = _idx_dtype(sum(numels))
     g = view_as_dtype(raw, GAP_DTYPES[width]).to(dt)
@@ -132,7 +147,7 @@ def _host_decode(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor], out:
                  values: dict[int, torch.Tensor]) -> tuple[dict[tuple, list[int]], ValueError | None]:
     """Host checks of each buffer, in order; decodes what needs no batching (empty, flat, rows,
     dense) into `out`, keeps the values of the rest in `values` and groups them by (encoding,
-    device[, delta width]). Stops at the first host error and returns it."""
+    device[, gap width]). Stops at the first host error and returns it."""
     groups: dict[tuple, list[int]] = {}
     for i, (meta, buf) in enumerate(zip(metas, bufs)):
         try:
@@ -152,15 +167,15 @@ def _host_decode(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor], out:
                 continue
             vals = view_as_dtype(buf[: c * dt.itemsize], dt)
             tail = buf[c * dt.itemsize:]
-            if meta.encoding == DELTA:
+            if meta.encoding == GAP:
                 width = tail.numel() // c
                 if width not in GAP_DTYPES or width * c != tail.numel():
                     raise ValueError(f"{meta.name}: {tail.numel()} gap bytes for {c} indices")
-                groups.setdefault((DELTA, buf.device, width), []).append(i)
-            elif meta.encoding == DELTA8:
+                groups.setdefault((GAP, buf.device, width), []).append(i)
+            elif meta.encoding == GAP8:
                 if tail.numel() < c:  # every index ends in one closing byte
-                    raise ValueError(f"{meta.name}: {tail.numel()} delta8 bytes cannot hold {c} indices")
-                groups.setdefault((DELTA8, buf.device), []).append(i)
+                    raise ValueError(f"{meta.name}: {tail.numel()} gap8 bytes cannot hold {c} indices")
+                groups.setdefault((GAP8, buf.device), []).append(i)
             elif meta.encoding == BITMASK:
                 if tail.numel() != (meta.spec.numel + 7) // 8:
                     raise ValueError(f"{meta.name}: {tail.numel()} bitmask bytes for {meta.spec.numel} elements")
@@ -174,7 +189,7 @@ def _host_decode(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor], out:
 
 
 def _check_counts(metas: Sequence[SparseMeta], checks: Sequence[tuple[list[int], torch.Tensor]]) -> None:
-    """The index counts that delta8 / bitmask tails really hold against their metas: ONE host sync
+    """The index counts that gap8 / bitmask tails really hold against their metas: ONE host sync
     per device; raises for the first item (in metas order) that differs."""
     held_by_item: dict[int, int] = {}
     by_device: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = {}
@@ -187,13 +202,13 @@ def _check_counts(metas: Sequence[SparseMeta], checks: Sequence[tuple[list[int],
     for i in sorted(held_by_item):
         meta, h = metas[i], held_by_item[i]
         if h != meta.count:
-            what = "delta8 stream holds {} indices" if meta.encoding == DELTA8 else "bitmask marks {} elements"
+            what = "gap8 stream holds {} indices" if meta.encoding == GAP8 else "bitmask marks {} elements"
             raise ValueError(f"{meta.name}: {what.format(h)}, meta says {meta.count}")
 
 
 def decode_many(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor]) -> list[SparsePatch]:
     """`decode` of many buffers at once (each `meta.nbytes` uint8 bytes, any device): batched
-    kernels per encoding and ONE host sync per device (the index-count checks of delta8 and bitmask).
+    kernels per encoding and ONE host sync per device (the index-count checks of gap8 and bitmask).
     Errors as `decode`, raised for the first failing item."""
     out: list[SparsePatch | None] = [None] * len(metas)
     values: dict[int, torch.Tensor] = {}
@@ -201,7 +216,7 @@ def decode_many(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor]) -> li
     checks: list[tuple[list[int], torch.Tensor]] = []
     batches: list[tuple[tuple, list[int]]] = []
     for key, ids in groups.items():
-        if key[0] in (DELTA8, DELTA):
+        if key[0] in (GAP8, GAP):
             budget = kernel_budget(key[1])
             batches += [(key, [ids[j] for j in part]) for part in chunk_ids([metas[i].count for i in ids], budget)]
         else:
@@ -211,10 +226,10 @@ def decode_many(metas: Sequence[SparseMeta], bufs: Sequence[torch.Tensor]) -> li
         tails = [bufs[i][metas[i].count * metas[i].spec.itemsize:] for i in ids]
         counts = [metas[i].count for i in ids]
         numels = [metas[i].spec.numel for i in ids]
-        if enc == DELTA:
+        if enc == GAP:
             flat = _untail_gaps(tails, counts, key[2], numels)
             idx_list = [flat[a:a + c] for a, c in zip(seg_starts(counts), counts)]
-        elif enc == DELTA8:
+        elif enc == GAP8:
             flat, held = _untail_escaped(tails, counts, numels)
             idx_list = [flat[a:a + c] for a, c in zip(seg_starts(counts), counts)]
             checks.append((ids, held))
