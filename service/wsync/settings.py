@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,29 @@ class Settings(BaseSettings):
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
     torch_threads: int = Field(default=1, ge=1, description="torch threads inside CPU actors.")
     max_page: int = 200
+    # ---- reliability bounds (issue 12); each refusal names the setting ----
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="Instance lease: a server that stops renewing "
+                               "for this long loses the database to the next one that starts.")
+    lease_heartbeat_s: float = Field(default=10.0, gt=0, description="Instance lease renewal period (< lease_ttl_s).")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_engines: int = Field(default=16, ge=1, description="Engines one service may hold (409 above).")
+    max_held_patches: int = Field(default=64, ge=1, description="Patches the trainer keeps for sparse syncs.")
+    max_patch_elements: int = Field(default=16 * 1024 * 1024, ge=1,
+                                    description="Changed elements one patch or inline sparse sync may carry (422 above).")
+    model_roots: list[Path] | None = Field(default=None, description="Directories a model path may resolve "
+                                           "into (WSYNC_MODEL_ROOTS, JSON list or os.pathsep-separated); "
+                                           "default: cache_dir and the working directory.")
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value):
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    def resolved_model_roots(self) -> list[Path]:
+        roots = self.model_roots if self.model_roots is not None else [self.cache_dir, Path.cwd()]
+        return [Path(r).expanduser().resolve() for r in roots]
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from wsync import __version__
 from wsync.fleet import Fleet
+from wsync.jobs.lease import InstanceLease, LeaseHeld
 from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
@@ -33,9 +34,15 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = Store(settings.resolved_database_url())
-        lost = store.fail_unfinished("the service restarted before this job finished")
+        try:  # before touching any job: refuse to start while another live server holds this database
+            lease = InstanceLease.take(store, f"{settings.host}:{settings.port}", settings.lease_ttl_s,
+                                       settings.lease_heartbeat_s)
+        except LeaseHeld:
+            store.close()
+            raise
+        lost = store.interrupt_unfinished()
         if lost:
-            log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
+            log.warning("marked %d unfinished job(s) from a previous run as interrupted", lost)
         runner = JobRunner(store)
         fleet = Fleet(settings, store, runner.locks)
         if start_fleet:
@@ -46,6 +53,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
         finally:
             runner.shutdown(wait=False)
             fleet.stop()
+            lease.release()
             store.close()
 
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan,
