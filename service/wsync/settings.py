@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_held_patches: int = Field(default=64, ge=1, description="Patches the trainer keeps for sparse syncs.")
     max_patch_elements: int = Field(default=16 * 1024 * 1024, ge=1,
                                     description="Changed elements one patch or inline sparse sync may carry (422 above).")
+    allow_hub_models: bool = Field(default=False, description="Accept hub ids as models (downloads hold the trainer).")
     model_roots: list[Path] | None = Field(default=None, description="Directories a model path may resolve "
                                            "into (WSYNC_MODEL_ROOTS, JSON list or os.pathsep-separated); "
                                            "default: cache_dir and the working directory.")

@@ -15,6 +15,7 @@ from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 
+from .limits import BodySizeLimit
 from . import comparisons, engines, errors, health, jobs, patches, results, sync, trainer
 
 log = logging.getLogger("wsync")
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True) ->
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: refuses before parsing
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app

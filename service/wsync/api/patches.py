@@ -8,6 +8,7 @@ from wsync.inline import inline_patches
 from wsync.schemas import Page, PatchInfo, PatchKind, PatchPrepare
 
 from .deps import FleetDep, Limit, Offset, StoreDep
+from .limits import check_patch_elements
 
 router = APIRouter(prefix="/v1/patches", tags=["patches"])
 
@@ -15,6 +16,7 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 @router.post("", response_model=PatchInfo, status_code=status.HTTP_201_CREATED,
              summary="Prepare a patch: apply it to the trainer's weights and keep it for sparse syncs")
 def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
+    check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     fleet.require_trainer()
     tensors = inline_patches(req.patches, fleet.trainer_specs()) if req.kind == PatchKind.inline else None
     with fleet.holding(trainer_lock()):

@@ -9,6 +9,7 @@ from wsync.orchestrate import check_sparse_baseline, run_sync
 from wsync.schemas import JobInfo, JobKind, PatchKind, PatchPrepare, SyncDense, SyncSparse
 
 from .deps import FleetDep, RunnerDep, StoreDep
+from .limits import check_patch_elements
 
 router = APIRouter(prefix="/v1/sync", tags=["sync"])
 
@@ -32,6 +33,7 @@ def sync_dense(req: SyncDense, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
 @router.post("/sparse", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED,
              summary="Send only the changed elements of a patch to the engines (a job)")
 def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep, store: StoreDep) -> JobInfo:
+    check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     fleet.require_trainer()
     recs = fleet.ready_engines(req.engine_ids)
     resources = _resources(req.engine_ids)
