@@ -62,3 +62,26 @@ def test_one_engine_more_than_max_engines_is_409(client):
         assert err["field"] == "max_engines" and "max_engines=2" in err["message"]
     finally:
         fleet.engines.clear()
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/engines/e-x/generate", {"prompts": [""]}, "prompts.0"),
+    ("/v1/trainer/step", {"texts": ["ok", ""]}, "texts.1"),
+    ("/v1/comparisons", {"prompts": [""]}, "prompts.0"),
+    ("/v1/patches", {"kind": "reference", "prompts": [""]}, "prompts.0"),
+])
+def test_empty_text_is_a_422_naming_the_field(client, path, body, field):
+    """Was an internal reshape message from the engine (an empty prompt has no tokens)."""
+    r = client.post(path, json=body)
+    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+
+
+def test_a_random_patch_over_max_patch_elements_is_422(client):
+    fleet = client.app.state.wsync.fleet
+    fleet.trainer_info = {"loaded": True, "params": [{"name": "w", "shape": [64, 64], "dtype": "float32"}]}
+    try:
+        r = client.post("/v1/patches", json={"kind": "random", "density": 0.01})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "density"
+        assert "max_patch_elements=8" in r.json()["error"]["message"]
+    finally:
+        fleet.trainer_info = {"loaded": False}

@@ -82,3 +82,23 @@ def check_patch_elements(patches: Sequence | None, max_elements: int, field: str
     if total > max_elements:
         raise InvalidInput(f"{field}: {total} changed elements, the limit is max_patch_elements={max_elements} "
                            "(WSYNC_MAX_PATCH_ELEMENTS)", field=field, rule="max_patch_elements")
+
+
+def check_random_patch(density: float | None, params: list[str] | None, specs: dict[str, dict],
+                       max_elements: int) -> None:
+    """422 when a random patch would change more elements than ``max_patch_elements``."""
+    if density is None:
+        return
+    names = params if params is not None else list(specs)
+    numel = 0
+    for name in names:
+        shape = (specs.get(name) or {}).get("shape") or []
+        n = 1
+        for dim in shape:
+            n *= int(dim)
+        numel += n
+    expected = int(density * numel)
+    if expected > max_elements:
+        raise InvalidInput(f"density: {density} of {numel} elements is about {expected} changed elements, the "
+                           f"limit is max_patch_elements={max_elements} (WSYNC_MAX_PATCH_ELEMENTS)",
+                           field="density", rule="max_patch_elements")

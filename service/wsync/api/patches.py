@@ -8,7 +8,7 @@ from wsync.inline import inline_patches
 from wsync.schemas import Page, PatchInfo, PatchKind, PatchPrepare
 
 from .deps import FleetDep, Limit, Offset, StoreDep
-from .limits import check_patch_elements
+from .limits import check_patch_elements, check_random_patch
 
 router = APIRouter(prefix="/v1/patches", tags=["patches"])
 
@@ -18,6 +18,8 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
     check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     fleet.require_trainer()
+    if req.kind == PatchKind.random:
+        check_random_patch(req.density, req.params, fleet.trainer_specs(), fleet.settings.max_patch_elements)
     tensors = inline_patches(req.patches, fleet.trainer_specs()) if req.kind == PatchKind.inline else None
     with fleet.holding(trainer_lock()):
         return fleet.prepare_patch(req, tensors)
