@@ -88,15 +88,21 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wsync-job")
         self._cancel: dict[str, threading.Event] = {}
         self._guard = threading.Lock()
+        self._submit = threading.Lock()
         self._closed = False
 
     def submit(self, kind: JobKind, request: dict, resources: list[str], fn: JobFn) -> JobInfo:
-        """Record the job as queued and schedule it behind earlier jobs on the same resources."""
-        job = self.store.create_job(kind, request)
-        ctx = JobContext(job.id, self.store)
-        with self._guard:
-            self._cancel[job.id] = ctx.cancel_event
-        self._start(self.schedule.add(job.id, resources, (ctx, kind, tuple(resources), fn)))
+        """Record the job as queued and schedule it behind earlier jobs on the same resources.
+
+        Creating the row and queueing it happen under one lock, so queue order is ``created_at`` order.
+        """
+        with self._submit:
+            job = self.store.create_job(kind, request)
+            ctx = JobContext(job.id, self.store)
+            with self._guard:
+                self._cancel[job.id] = ctx.cancel_event
+            runnable = self.schedule.add(job.id, resources, (ctx, kind, tuple(resources), fn))
+        self._start(runnable)
         return job
 
     def pending(self, resources: Iterable[str]) -> bool:
