@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +39,29 @@ class Settings(BaseSettings):
     api_token: str | None = Field(default=None, description="Bearer token required on mutating routes (and reads "
                                   "when api_token_reads); `wsync serve` needs one to bind a non-loopback host.")
     api_token_reads: bool = Field(default=False, description="Require the token on read-only routes too.")
+    # ---- reliability bounds (issue 12); each refusal names the setting ----
+    lease_ttl_s: float = Field(default=30.0, gt=0, description="Instance lease: a server that stops renewing "
+                               "for this long loses the database to the next one that starts.")
+    lease_heartbeat_s: float = Field(default=10.0, gt=0, description="Instance lease renewal period (< lease_ttl_s).")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_engines: int = Field(default=16, ge=1, description="Engines one service may hold (409 above).")
+    max_patch_elements: int = Field(default=16 * 1024 * 1024, ge=1,
+                                    description="Changed elements one patch or inline sparse sync may carry (422 above).")
+    allow_hub_models: bool = Field(default=False, description="Accept hub ids as models (downloads hold the trainer).")
+    model_roots: list[Path] | None = Field(default=None, description="Directories a model path may resolve "
+                                           "into (WSYNC_MODEL_ROOTS, JSON list or os.pathsep-separated); "
+                                           "default: cache_dir and the working directory.")
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value):
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    def resolved_model_roots(self) -> list[Path]:
+        roots = self.model_roots if self.model_roots is not None else [self.cache_dir, Path.cwd()]
+        return [Path(r).expanduser().resolve() for r in roots]
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from wsync import __version__
 from wsync.actors.ref import Actors
+from wsync.jobs.lease import InstanceLease, LeaseHeld
 from wsync.jobs.runner import JobRunner
 from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
@@ -18,6 +19,7 @@ from wsync.sync.registry import Fleet
 
 from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync,
                trainer)
+from .limits import BodySizeLimit
 
 log = logging.getLogger("wsync")
 
@@ -39,9 +41,15 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         store = Store(settings.resolved_database_url())
-        lost = store.fail_unfinished("the service restarted before this job finished")
+        try:  # before touching any job: refuse to start while another live server holds this database
+            lease = InstanceLease.take(store, f"{settings.host}:{settings.port}", settings.lease_ttl_s,
+                                       settings.lease_heartbeat_s)
+        except LeaseHeld:
+            store.close()
+            raise
+        lost = store.interrupt_unfinished()
         if lost:
-            log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
+            log.warning("marked %d unfinished job(s) from a previous run as interrupted", lost)
         runner = JobRunner(events.observe(app, store))  # job writes publish on app.state.events
         fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings))
         if start_fleet:
@@ -52,6 +60,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         finally:
             runner.shutdown(wait=False)
             fleet.stop()
+            lease.release()
             store.close()
 
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -60,6 +69,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
     auth.install(app, settings)  # before any router: guards every route
     metrics.install(app, events.install(app))
     dashboard.install(app)  # / and /docs from local assets
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: refuses before parsing
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app

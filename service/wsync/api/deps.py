@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from wsync.jobs.runner import JobRunner
-from wsync.jobs.store import Store
+from wsync.jobs.store import MAX_OFFSET, Store
 from wsync.settings import Settings
 from wsync.sync.registry import Fleet
 
@@ -37,4 +37,4 @@ StoreDep = Annotated[Store, Depends(_store)]
 RunnerDep = Annotated[JobRunner, Depends(_runner)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 Limit = Annotated[int, Query(ge=1, le=200, description="Page size.")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip.")]

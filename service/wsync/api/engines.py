@@ -6,6 +6,7 @@ from wsync.jobs.locks import engine_lock
 from wsync.schemas import EngineInfo, EngineLaunch, GenerateRequest, GenerateResponse, Page
 
 from .deps import FleetDep
+from .limits import check_engine_count
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -13,6 +14,7 @@ router = APIRouter(prefix="/v1/engines", tags=["engines"])
 @router.post("", response_model=EngineInfo, status_code=status.HTTP_201_CREATED,
              summary="Launch an inference engine (reference or vLLM) as a Ray actor")
 def launch(req: EngineLaunch, fleet: FleetDep, response: Response) -> EngineInfo:
+    check_engine_count(len(fleet.engines), fleet.settings.max_engines)
     info = fleet.launch_engine(req)
     if not req.wait:
         response.status_code = status.HTTP_202_ACCEPTED

@@ -8,6 +8,7 @@ from wsync.jobs.locks import trainer_lock
 from wsync.schemas import Page, PatchInfo, PatchKind, PatchPrepare
 
 from .deps import FleetDep, Limit, Offset, StoreDep
+from .limits import check_patch_elements, check_random_patch
 
 router = APIRouter(prefix="/v1/patches", tags=["patches"])
 
@@ -15,7 +16,10 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 @router.post("", response_model=PatchInfo, status_code=status.HTTP_201_CREATED,
              summary="Prepare a patch: apply it to the trainer's weights and keep it for sparse syncs")
 def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
+    check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     fleet.trainer.require()
+    if req.kind == PatchKind.random:
+        check_random_patch(req.density, req.params, fleet.trainer.spec_dicts(), fleet.settings.max_patch_elements)
     tensors = inline_patches(req.patches, fleet.trainer.spec_dicts()) if req.kind == PatchKind.inline else None
     with fleet.holding(trainer_lock()):
         return fleet.trainer.prepare_patch(req, tensors)

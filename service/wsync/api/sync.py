@@ -12,6 +12,7 @@ from wsync.sync.checks import SyncOrder, check_sync
 from wsync.sync.run import run_sync
 
 from .deps import FleetDep, RunnerDep
+from .limits import check_patch_elements
 
 router = APIRouter(prefix="/v1/sync", tags=["sync"])
 
@@ -28,6 +29,7 @@ def sync_dense(req: SyncDense, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
 @router.post("/sparse", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED,
              summary="Send only the changed elements of a patch to the engines (a job)")
 def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
+    check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     resources = sync_locks(req.engine_ids)
     order = SyncOrder(mode="sparse", engine_ids=req.engine_ids, patch_id=req.patch_id,
                       encoding=req.encoding.value, verify=req.verify, delta=req.delta)

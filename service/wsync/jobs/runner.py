@@ -1,13 +1,12 @@
-"""Background job execution: 202 now, work later, one job at a time per locked resource."""
+"""Background job execution: 202 now, work later; jobs sharing a resource run one at a time, in submission order."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import traceback
-from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from wsync.schemas import JobInfo, JobKind, JobState
 
 from .locks import ResourceLocks
+from .schedule import FifoScheduler
 from .store import Store
 
 log = logging.getLogger("wsync.jobs")
@@ -43,31 +43,46 @@ JobFn = Callable[[JobContext], dict]
 
 
 class JobRunner:
+    """Runs jobs on a thread pool, in submission order per resource (see ``schedule.FifoScheduler``).
+
+    A job is handed to the pool only once it heads the queue of every resource it names, so pool
+    threads never wait on each other; it then takes the ``ResourceLocks`` too, which only excludes
+    synchronous API requests (``Fleet.holding``) that use the same names.
+    """
+
     def __init__(self, store: Store, max_workers: int = 8):
         self.store = store
         self.locks = ResourceLocks()
+        self.schedule = FifoScheduler()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="wsync-job")
         self._cancel: dict[str, threading.Event] = {}
-        self._futures: dict[str, Future] = {}
-        self._pending: Counter[str] = Counter()
         self._guard = threading.Lock()
+        self._submit = threading.Lock()
+        self._closed = False
 
     def submit(self, kind: JobKind, request: dict, resources: list[str], fn: JobFn) -> JobInfo:
-        job = self.store.create_job(kind, request)
-        ctx = JobContext(job.id, self.store)
-        with self._guard:
-            self._pending.update(set(resources))
-            self._cancel[job.id] = ctx.cancel_event
-            self._futures[job.id] = self._pool.submit(self._run, ctx, kind, resources, fn)
+        """Record the job as queued and schedule it behind earlier jobs on the same resources.
+
+        Creating the row and queueing it happen under one lock, so queue order is ``created_at`` order.
+        """
+        with self._submit:
+            job = self.store.create_job(kind, request)
+            ctx = JobContext(job.id, self.store)
+            with self._guard:
+                self._cancel[job.id] = ctx.cancel_event
+            runnable = self.schedule.add(job.id, resources, (ctx, kind, tuple(resources), fn))
+        self._start(runnable)
         return job
 
     def pending(self, resources: Iterable[str]) -> bool:
         """Whether a queued or running job holds or waits for any of these resources."""
-        with self._guard:
-            return any(self._pending[r] > 0 for r in resources)
+        return self.schedule.pending(resources)
+
+    def get(self, job_id: str) -> JobInfo | None:
+        return self.store.get_job(job_id)
 
     def cancel(self, job_id: str) -> JobInfo | None:
-        """Queued jobs end at once; running ones stop at their next safe point."""
+        """Queued jobs end at once (and leave their queues); running ones stop at their next safe point."""
         job = self.store.get_job(job_id)
         if job is None or job.state.terminal:
             return job
@@ -75,46 +90,70 @@ class JobRunner:
             ev = self._cancel.get(job_id)
         if ev is not None:
             ev.set()
-        if job.state == JobState.queued:
-            return self.store.update_job(job_id, state=JobState.cancelled, finished_at=_now(), error="cancelled before it started")
+        withdrawn, runnable = self.schedule.withdraw(job_id)
+        if withdrawn or ev is None:
+            done = self.store.transition(job_id, (JobState.queued,), JobState.cancelled, finished_at=_now(),
+                                         error="cancelled before it started")
+            with self._guard:
+                self._cancel.pop(job_id, None)
+            self._start(runnable)
+            if done is not None:
+                return done
         self.store.add_event(job_id, "cancellation requested")
         return self.store.get_job(job_id)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> None:
-        with self._guard:
-            fut = self._futures.get(job_id)
-        if fut is not None:
-            fut.result(timeout=timeout)
-
     def shutdown(self, wait: bool = True) -> None:
-        for ev in list(self._cancel.values()):
+        """Ask running jobs to stop; queued ones stay queued in the store (the next start marks them interrupted)."""
+        with self._guard:
+            self._closed = True
+            events = list(self._cancel.values())
+        for ev in events:
             ev.set()
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
-    def _run(self, ctx: JobContext, kind: JobKind, resources: list[str], fn: JobFn) -> None:
-        held = self.locks.acquire(resources)
+    def _start(self, runnable: list[tuple[str, Any]]) -> None:
+        with self._guard:
+            if self._closed:
+                return
+            for _job_id, payload in runnable:
+                self._pool.submit(self._run, *payload)
+
+    def _run(self, ctx: JobContext, kind: JobKind, resources: tuple[str, ...], fn: JobFn) -> None:
         try:
-            if ctx.cancel_event.is_set():
-                return  # cancelled while queued; already recorded
-            self.store.update_job(ctx.job_id, state=JobState.running, started_at=_now())
+            held = self.locks.acquire(resources)
             try:
-                result = fn(ctx)
-            except JobCancelled as exc:
-                self.store.update_job(ctx.job_id, state=JobState.cancelled, finished_at=_now(), error=str(exc))
-                return
-            except Exception as exc:  # the job failed: record why, keep the service up
-                log.warning("job %s failed: %s", ctx.job_id, exc)
-                self.store.add_event(ctx.job_id, "failed", traceback=traceback.format_exc(limit=8))
-                self.store.update_job(ctx.job_id, state=JobState.failed, finished_at=_now(), error=_error_text(exc))
-                return
-            res = self.store.add_result(ctx.job_id, kind, result)
-            self.store.update_job(ctx.job_id, state=JobState.succeeded, finished_at=_now(), result=result, result_id=res.id)
+                self._execute(ctx, kind, fn)
+            finally:
+                for lock in reversed(held):
+                    lock.release()
+        except Exception:  # the store itself failed: keep the queue moving
+            log.exception("job %s: runner error", ctx.job_id)
         finally:
-            for lock in reversed(held):
-                lock.release()
             with self._guard:
                 self._cancel.pop(ctx.job_id, None)
-                self._pending.subtract(set(resources))
+            self._start(self.schedule.finish(ctx.job_id))
+
+    def _execute(self, ctx: JobContext, kind: JobKind, fn: JobFn) -> None:
+        if ctx.cancel_event.is_set():
+            self.store.transition(ctx.job_id, (JobState.queued,), JobState.cancelled, finished_at=_now(),
+                                  error="cancelled before it started")
+            return
+        if self.store.transition(ctx.job_id, (JobState.queued,), JobState.running, started_at=_now()) is None:
+            return  # no longer queued (cancelled, or marked by another process): do not run it
+        try:
+            result = fn(ctx)
+        except JobCancelled as exc:
+            self.store.transition(ctx.job_id, (JobState.running,), JobState.cancelled, finished_at=_now(), error=str(exc))
+            return
+        except Exception as exc:  # the job failed: record why, keep the service up
+            log.warning("job %s failed: %s", ctx.job_id, exc)
+            self.store.add_event(ctx.job_id, "failed", traceback=traceback.format_exc(limit=8))
+            self.store.transition(ctx.job_id, (JobState.running,), JobState.failed, finished_at=_now(),
+                                  error=_error_text(exc))
+            return
+        res = self.store.add_result(ctx.job_id, kind, result)
+        self.store.transition(ctx.job_id, (JobState.running,), JobState.succeeded, finished_at=_now(),
+                              result=result, result_id=res.id)
 
 
 def _now() -> datetime:

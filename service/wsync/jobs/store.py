@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from collections.abc import Iterable
 
+from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from wsync.errors import InvalidInput
 from wsync.schemas import JobInfo, JobKind, JobState, PatchInfo, ResultInfo
+
+#: Largest page offset any list accepts (the API refuses more with a 422 naming ``offset``); SQLite
+#: and PostgreSQL take 64-bit signed offsets and overflowed at 2**63.
+MAX_OFFSET = 2**31 - 1
 
 
 def new_id(prefix: str) -> str:
@@ -66,6 +76,28 @@ class PatchRow(Base):
     info: Mapped[dict] = mapped_column(JSON)
 
 
+class LeaseRow(Base):
+    """One row per lease name: which service process owns the database, until when."""
+
+    __tablename__ = "instance_lease"
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(300))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    name: str
+    owner: str
+    address: str
+    acquired_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
+
+
 def _job_info(row: JobRow) -> JobInfo:
     return JobInfo(
         id=row.id, kind=JobKind(row.kind), state=JobState(row.state),
@@ -76,21 +108,34 @@ def _job_info(row: JobRow) -> JobInfo:
 
 
 class Store:
-    """Thread-safe facade over the database. Every method opens its own short session."""
+    """Thread-safe facade over the database. Every method opens its own short session.
+
+    Several Store instances (threads, or processes that lost the instance lease race) may write the
+    same database: job state changes are conditional single UPDATEs (``transition``) so a job's
+    state machine cannot be broken by a concurrent writer, and read-modify-write paths lock the row
+    (``SELECT … FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite).
+    """
 
     def __init__(self, url: str):
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
+        self.url = url
+        self.sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
+        self._wengine = create_engine(url, **kwargs) if self.sqlite else self.engine
+        if self.sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self._wengine, "connect", _sqlite_write_connect)
+            event.listen(self._wengine, "begin", _sqlite_begin_immediate)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self._wengine, expire_on_commit=False)
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.engine.dispose()
+        self._wengine.dispose()
 
     def ping(self) -> None:
         with self._session() as s:
@@ -100,7 +145,7 @@ class Store:
     def create_job(self, kind: JobKind, request: dict) -> JobInfo:
         row = JobRow(id=new_id("job"), kind=kind.value, state=JobState.queued.value,
                      created_at=_now(), request=_jsonable(request), events=[])
-        with self._lock, self._session.begin() as s:
+        with self._lock, self._write.begin() as s:
             s.add(row)
         return _job_info(row)
 
@@ -111,6 +156,7 @@ class Store:
 
     def list_jobs(self, *, state: JobState | None = None, kind: JobKind | None = None,
                   limit: int = 50, offset: int = 0) -> tuple[list[JobInfo], int]:
+        _check_page(limit, offset)
         q = select(JobRow)
         if state:
             q = q.where(JobRow.state == state.value)
@@ -121,9 +167,23 @@ class Store:
             rows = s.scalars(q.order_by(JobRow.created_at.desc()).limit(limit).offset(offset)).all()
             return [_job_info(r) for r in rows], int(total or 0)
 
+    def transition(self, job_id: str, from_states: Iterable[JobState], to: JobState, **fields: Any) -> JobInfo | None:
+        """Move a job to ``to`` only if it is in one of ``from_states`` (one conditional UPDATE).
+
+        Returns the updated job, or None when it was not in those states (someone else moved it).
+        """
+        values = {k: (_jsonable(v) if k == "result" else v) for k, v in fields.items()}
+        values["state"] = to.value
+        stmt = (update(JobRow).where(JobRow.id == job_id, JobRow.state.in_([st.value for st in from_states]))
+                .values(**values).execution_options(synchronize_session=False))
+        with self._lock, self._write.begin() as s:
+            changed = s.execute(stmt).rowcount
+        return self.get_job(job_id) if changed else None
+
     def update_job(self, job_id: str, **fields: Any) -> JobInfo:
-        with self._lock, self._session.begin() as s:
-            row = s.get(JobRow, job_id)
+        """Unconditional update (tests, repairs); state changes should use ``transition``."""
+        with self._lock, self._write.begin() as s:
+            row = s.get(JobRow, job_id, with_for_update=not self.sqlite)
             if row is None:
                 raise KeyError(job_id)
             for key, value in fields.items():
@@ -133,27 +193,78 @@ class Store:
             return _job_info(row)
 
     def add_event(self, job_id: str, message: str, **data: Any) -> None:
-        with self._lock, self._session.begin() as s:
-            row = s.get(JobRow, job_id)
+        with self._lock, self._write.begin() as s:
+            row = s.get(JobRow, job_id, with_for_update=not self.sqlite)
             if row is not None:
                 row.events = [*(row.events or []), {"at": _now().isoformat(), "message": message, **_jsonable(data)}]
 
-    def fail_unfinished(self, reason: str) -> int:
-        """Mark jobs a previous process left queued or running as failed; returns how many."""
-        with self._lock, self._session.begin() as s:
-            rows = s.scalars(select(JobRow).where(JobRow.state.in_([JobState.queued.value, JobState.running.value]))).all()
-            for row in rows:
-                row.state, row.error, row.finished_at = JobState.failed.value, reason, _now()
-            return len(rows)
+    def interrupt_unfinished(self) -> int:
+        """Mark jobs a previous process left queued or running as ``interrupted`` (now); returns how many.
+
+        Call only while holding the instance lease: a live server's jobs would be marked too.
+        """
+        at = _now()
+        stmt = (update(JobRow).where(JobRow.state.in_([JobState.queued.value, JobState.running.value]))
+                .values(state=JobState.interrupted.value, finished_at=at,
+                        error=f"interrupted: the service stopped before this job finished (seen at restart {at.isoformat()})")
+                .execution_options(synchronize_session=False))
+        with self._lock, self._write.begin() as s:
+            return int(s.execute(stmt).rowcount or 0)
+
+    # ---- instance lease ---------------------------------------------------------------
+    def acquire_lease(self, owner: str, address: str, ttl_s: float, name: str = "service") -> LeaseInfo | None:
+        """Take the lease if free, expired, or already ours; else return the live holder (and take nothing)."""
+        now = _now()
+        expires = now + timedelta(seconds=ttl_s)
+        stmt = (update(LeaseRow).where(LeaseRow.name == name, (LeaseRow.owner == owner) | (LeaseRow.expires_at < now))
+                .values(owner=owner, address=address, acquired_at=now, heartbeat_at=now, expires_at=expires)
+                .execution_options(synchronize_session=False))
+        with self._lock:
+            with self._write.begin() as s:
+                if s.execute(stmt).rowcount:
+                    return None
+            try:
+                with self._write.begin() as s:
+                    s.add(LeaseRow(name=name, owner=owner, address=address, acquired_at=now,
+                                   heartbeat_at=now, expires_at=expires))
+                return None
+            except IntegrityError:
+                pass
+        holder = self.get_lease(name)
+        if holder is None:  # released between our two statements: try once more
+            return self.acquire_lease(owner, address, ttl_s, name)
+        return holder
+
+    def renew_lease(self, owner: str, ttl_s: float, name: str = "service") -> bool:
+        """Extend our lease; False when we no longer hold it (expired and taken over)."""
+        now = _now()
+        stmt = (update(LeaseRow).where(LeaseRow.name == name, LeaseRow.owner == owner)
+                .values(heartbeat_at=now, expires_at=now + timedelta(seconds=ttl_s))
+                .execution_options(synchronize_session=False))
+        with self._lock, self._write.begin() as s:
+            return bool(s.execute(stmt).rowcount)
+
+    def release_lease(self, owner: str, name: str = "service") -> None:
+        with self._lock, self._write.begin() as s:
+            s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.owner == owner))
+
+    def get_lease(self, name: str = "service") -> LeaseInfo | None:
+        with self._session() as s:
+            row = s.get(LeaseRow, name)
+            if row is None:
+                return None
+            return LeaseInfo(row.name, row.owner, row.address, _aware(row.acquired_at),
+                             _aware(row.heartbeat_at), _aware(row.expires_at))
 
     # ---- results ----------------------------------------------------------------------
     def add_result(self, job_id: str, kind: JobKind, data: dict) -> ResultInfo:
         row = ResultRow(id=new_id("res"), job_id=job_id, kind=kind.value, created_at=_now(), data=_jsonable(data))
-        with self._lock, self._session.begin() as s:
+        with self._lock, self._write.begin() as s:
             s.add(row)
         return ResultInfo(id=row.id, job_id=job_id, kind=kind, created_at=row.created_at, data=row.data)
 
     def list_results(self, *, kind: JobKind | None = None, limit: int = 50, offset: int = 0) -> tuple[list[ResultInfo], int]:
+        _check_page(limit, offset)
         q = select(ResultRow)
         if kind:
             q = q.where(ResultRow.kind == kind.value)
@@ -169,7 +280,7 @@ class Store:
 
     # ---- patches ----------------------------------------------------------------------
     def add_patch(self, info: PatchInfo) -> None:
-        with self._lock, self._session.begin() as s:
+        with self._lock, self._write.begin() as s:
             s.add(PatchRow(id=info.id, created_at=info.created_at, info=info.model_dump(mode="json")))
 
     def get_patch(self, patch_id: str) -> PatchInfo | None:
@@ -178,6 +289,7 @@ class Store:
             return PatchInfo.model_validate(row.info) if row else None
 
     def list_patches(self, *, limit: int = 50, offset: int = 0) -> tuple[list[PatchInfo], int]:
+        _check_page(limit, offset)
         with self._session() as s:
             total = s.scalar(select(func.count()).select_from(PatchRow))
             rows = s.scalars(select(PatchRow).order_by(PatchRow.seq.desc()).limit(limit).offset(offset)).all()
@@ -186,6 +298,24 @@ class Store:
 
 def _result_info(row: ResultRow) -> ResultInfo:
     return ResultInfo(id=row.id, job_id=row.job_id, kind=JobKind(row.kind), created_at=_aware(row.created_at), data=row.data)
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 0 <= offset <= MAX_OFFSET:
+        raise InvalidInput(f"offset must be between 0 and {MAX_OFFSET}", field="offset", rule="max_offset")
+    if limit < 0 or limit > MAX_OFFSET:
+        raise InvalidInput(f"limit must be between 0 and {MAX_OFFSET}", field="limit", rule="max_limit")
+
+
+def _sqlite_write_connect(dbapi_conn, record) -> None:
+    """Write connections: let SQLAlchemy emit BEGIN (see ``_sqlite_begin_immediate``)."""
+    dbapi_conn.isolation_level = None
+    _sqlite_pragmas(dbapi_conn, record)
+
+
+def _sqlite_begin_immediate(conn) -> None:
+    """Take SQLite's write lock at BEGIN so read-modify-write transactions cannot lose updates."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

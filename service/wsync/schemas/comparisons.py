@@ -3,13 +3,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from .common import REFERENCE_PROMPTS, ResponseModel, WireModel
+from .text import Text
 from .engines import EngineKind
 
 
 class ComparisonCreate(WireModel):
     engine_kind: EngineKind = EngineKind.reference
     model: str | None = Field(default=None, description="Default: the trainer's model, else the embedded default.")
-    prompts: list[str] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1)
+    prompts: list[Text] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1, max_length=256)
     rows: int = Field(default=32, ge=1, le=65536)
     max_new_tokens: int = Field(default=1, ge=1, le=64)
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from .common import ResponseModel, UtcDatetime, WireModel
+from .text import Text
 
 
 class EngineKind(StrEnum):
@@ -58,7 +59,7 @@ class EngineInfo(ResponseModel):
 
 
 class GenerateRequest(WireModel):
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[Text] = Field(min_length=1, max_length=256)
     max_new_tokens: int = Field(default=1, ge=1, le=256)
 
 

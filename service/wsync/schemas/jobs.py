@@ -14,10 +14,13 @@ class JobState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    #: A previous service process stopped (crash, kill, restart) while the job was queued or running;
+    #: set at the next start, with the time. What the job had done by then is unknown.
+    interrupted = "interrupted"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled, JobState.interrupted)
 
 
 class JobKind(StrEnum):

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field
 
 from .common import REFERENCE_PROMPTS, ResponseModel, WireModel
+from .text import Text
 
 
 class TrainerLoad(WireModel):
@@ -35,7 +36,7 @@ class TrainerInfo(ResponseModel):
 class TrainerStep(WireModel):
     """A real optimizer step on the trainer (causal-LM loss on the texts), e.g. to produce a real delta."""
 
-    texts: list[str] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1)
+    texts: list[Text] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1, max_length=256)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-4, gt=0.0, le=1.0)
     steps: int = Field(default=1, ge=1, le=100)
@@ -45,5 +46,5 @@ class TrainerStep(WireModel):
 
 class TrainerStepResult(ResponseModel):
     version: str
-    losses: list[float]
+    losses: list[float | None] = Field(description="Loss per step; null where it was not finite (NaN/inf).")
     step_ms: float

@@ -35,11 +35,14 @@ class Trainer:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> str:
-        from wsync.models.tiny import resolve_model
+        """A local folder inside WSYNC_MODEL_ROOTS (or the embedded default, or a hub id where allowed);
+        anything else is a 422 naming ``model`` (models/resolve.py)."""
+        from wsync.models.resolve import resolve_model
 
         if name is None:
             name = self.settings.default_model or self.record.info.model
-        return resolve_model(name, self.settings.cache_dir)
+        s = self.settings
+        return resolve_model(name, s.resolved_model_roots(), s.cache_dir, s.allow_hub_models)
 
     def _actor(self) -> ActorRef:
         if self.actor is None:
