@@ -37,6 +37,7 @@ for sub in ("service", "clients"):
         sys.path.insert(0, str(ROOT / sub))
 
 from wsync.engines.hf import load_causal_lm
+from wsync.engines.contract import DenseUpdate, SparseUpdate
 from wsync.engines.reference import ReferenceEngineCore
 from wsync.engines.sampling import sample, sequence_logprobs
 from wsync.models import resolve_model
@@ -65,20 +66,20 @@ class LocalEngine:
         self.pending = None
 
     def join(self):
-        return self.pool.submit(self.core.join_group, self.rdv.to_dict(), 1)
+        return self.pool.submit(self.core.join_group, self.rdv.to_dict(), 1, self.rdv.backend)
 
     def metas(self) -> list[TensorMeta]:
-        return [TensorMeta.from_dict(m) for m in self.core.param_metas()]
+        return list(self.core.param_metas())
 
     def announce(self, plan: Plan) -> None:
         """What the service does on POST publish: pause, post the receive for this plan."""
         self.core.pause()
         self.version = None  # unknown until verified
         if plan.mode == "dense":
-            upd = {"metas": [m.to_dict() for m in plan.dense_metas], "bucket_bytes": plan.bucket_bytes}
+            upd = DenseUpdate(metas=list(plan.dense_metas), bucket_bytes=plan.bucket_bytes)
             self.pending = self.pool.submit(self.core.recv_dense, upd)
         else:
-            self.pending = self.pool.submit(self.core.recv_sparse, {"metas": [m.to_dict() for m in plan.sparse_metas]})
+            self.pending = self.pool.submit(self.core.recv_sparse, SparseUpdate(metas=list(plan.sparse_metas)))
 
     def finish(self, version: str, fingerprints: dict[str, str]) -> bool:
         """Wait for the receive, verify against the publisher's fingerprints, resume; True when verified."""

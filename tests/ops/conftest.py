@@ -45,6 +45,17 @@ class ThreadServer:
     def bus(self):
         return self.app.state.events
 
+    def wait_job(self, job_id: str, timeout: float = 10.0):
+        """Poll the store until the job is terminal (the runner has no blocking wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.state.runner.get(job_id)
+            if job.state.value in ("succeeded", "failed", "cancelled", "interrupted"):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state.value} after {timeout} s")
+            time.sleep(0.02)
+
 
 def make_app(tmp_path, **settings):
     return create_app(Settings(database_url=f"sqlite:///{tmp_path / 'wsync.db'}", **settings), start_fleet=False)

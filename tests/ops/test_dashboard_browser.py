@@ -73,7 +73,7 @@ def test_dashboard_shows_a_sync_that_just_finished(server, browser):
 
 def test_dashboard_renders_history_and_docs_offline(server, browser):
     job = server.state.runner.submit(JobKind.sync_dense, {}, ["engine:e-1"], lambda ctx: dict(REPORT))
-    server.state.runner.wait(job.id, 10)
+    server.wait_job(job.id, 10)
     browser.get(server.url + "/")
     assert browser.find_elements("css selector", f'#syncs tr[data-sync="{job.id}:dense"]')
     assert wait_for(lambda: browser.execute_script(COUNT_DENSE) > 10, what="history points")

@@ -87,7 +87,7 @@ def test_follow_a_failed_job_raises_with_the_cause(server):
 
 def test_finished_job_stream_replays_and_ends(server):
     job = _job(server)
-    server.state.runner.wait(job.id, 10)
+    server.wait_job(job.id, 10)
     r = httpx.get(f"{server.url}/v1/jobs/{job.id}/events", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.text.startswith("event: job.snapshot") and "event: sync.finished" in r.text

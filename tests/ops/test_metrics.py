@@ -29,7 +29,7 @@ def test_a_finished_sync_shows_in_the_histograms(server):
                         "fingerprint_equal": False}]}
     for report in (REPORT, bad):
         job = server.state.runner.submit(JobKind.sync_dense, {}, ["engine:e-1"], lambda ctx, r=report: r)
-        server.state.runner.wait(job.id, 10)
+        server.wait_job(job.id, 10)
     m = scrape(server)
     dense = (("engine_kind", "unknown"), ("mode", "dense"), ("transport", "unknown"))
     sparse = (("engine_kind", "vllm"), ("mode", "sparse"), ("transport", "gloo"))

@@ -156,7 +156,7 @@ def test_vllm_native_transport_on_a_gpu_trainer(tmp_path):
         eng = client.post("/v1/engines", json={"kind": "reference"}).json()
         assert eng["details"]["transport"] == "vllm_native"
         patch = client.post("/v1/patches", json={"kind": "random", "density": 0.01}).json()
-        done = _sync(client, "sparse", {"engine_ids": [eng["id"]], "patch_id": patch["id"], "encoding": "delta"})
+        done = _sync(client, "sparse", {"engine_ids": [eng["id"]], "patch_id": patch["id"], "encoding": "gap"})
         assert done["state"] == "succeeded" and done["result"]["verified"] is True
         assert ("trainer", "sparse_plan", "flat_int32") in hub.calls
         trainer = [c[1] for c in hub.calls if c[0] == "trainer"]

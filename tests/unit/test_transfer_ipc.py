@@ -233,7 +233,7 @@ def _patches(params, density: float, seed: int) -> list[SparsePatch]:
     return out
 
 
-@pytest.mark.parametrize("encoding", ["auto", "flat_int32", "delta"])
+@pytest.mark.parametrize("encoding", ["auto", "flat_int32", "gap"])
 def test_staging_round_trip_and_apply(encoding):
     from wsync.transfer.apply import apply_patches
 

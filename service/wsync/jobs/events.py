@@ -163,12 +163,21 @@ class ObservedStore:
     def update_job(self, job_id: str, **fields: Any) -> JobInfo:
         job = self._store.update_job(job_id, **fields)
         if "state" in fields:
-            # The report first: a job stream ends at the terminal job.state.
-            if job.state == JobState.succeeded and isinstance(job.result, dict):
-                kind = "sync.finished" if job.kind in SYNC_KINDS else "comparison.finished"
-                self.bus.publish(kind, {**job.result, "job_id": job_id, "job_kind": job.kind.value}, job_id=job_id)
-            self.bus.publish("job.state", job_state_data(job), job_id=job_id)
+            self._published(job)
         return job
+
+    def transition(self, job_id: str, from_states: Any, to: JobState, **fields: Any) -> JobInfo | None:
+        job = self._store.transition(job_id, from_states, to, **fields)
+        if job is not None:  # None: someone else moved the job; nothing changed here
+            self._published(job)
+        return job
+
+    def _published(self, job: JobInfo) -> None:
+        # The report first: a job stream ends at the terminal job.state.
+        if job.state == JobState.succeeded and isinstance(job.result, dict):
+            kind = "sync.finished" if job.kind in SYNC_KINDS else "comparison.finished"
+            self.bus.publish(kind, {**job.result, "job_id": job.id, "job_kind": job.kind.value}, job_id=job.id)
+        self.bus.publish("job.state", job_state_data(job), job_id=job.id)
 
     def add_event(self, job_id: str, message: str, **data: Any) -> None:
         self._store.add_event(job_id, message, **data)
