@@ -197,3 +197,35 @@ def test_flatten_by_dtype_keeps_values_and_refuses_shared():
     assert shared[1][1].data_ptr() != 0 and shared[0][1].data_ptr() == base.data_ptr()
     nc = [("a", torch.nn.Parameter(torch.zeros(4, 4).t())), ("b", torch.nn.Parameter(torch.zeros(3)))]
     assert "not contiguous" in flatten_by_dtype(nc)["reason"]
+
+
+def test_ipc_staging_write_flat_round_trip_cpu():
+    from wsync.transfer.ipc_sparse import IpcStaging
+
+    params = weights(12, seed=4)
+    patches = patches_of(params, 0.1, 8)
+    staging = IpcStaging("cpu")
+    metas, nbytes, grew = staging.write_flat(patches, {n: t.shape for n, t in params.items()})
+    assert grew and nbytes == flat_layout(metas).total <= staging.capacity
+    ref, got = clone(params), clone(params)
+    apply_patches(ref, patches)
+    apply_flat(flat_ranges(got), read_flat(staging.buf, [m.to_list() for m in metas]))
+    assert all(torch.equal(ref[n], got[n]) for n in params)
+    _, _, grew = staging.write_flat(patches, {n: t.shape for n, t in params.items()})
+    assert not grew
+
+
+def test_reference_engine_apply_flat():
+    from types import SimpleNamespace
+
+    from wsync.engines.reference import ReferenceEngineCore
+
+    params = weights(6, seed=2)
+    eng = SimpleNamespace(params=clone(params))
+    flatten_params(eng.params, 512)
+    patches = patches_of(params, 0.3, 1)
+    metas, buf = stage(patches, params)
+    out = ReferenceEngineCore.apply_flat(eng, read_flat(buf, metas))
+    ref = clone(params)
+    apply_patches(ref, patches)
+    assert out["elements"] > 0 and all(torch.equal(ref[n], eng.params[n]) for n in params)
