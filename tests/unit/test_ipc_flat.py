@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
 from wsync.transfer.apply import apply_patches
 from wsync.transfer.encodings import SparsePatch
 from wsync.transfer.flat import flatten_by_dtype, flatten_params
