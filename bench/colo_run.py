@@ -8,7 +8,9 @@ the run goes on while the engine answers):
   floor          torch._foreach_copy_ of every parameter into one flat buffer (the d2d copy floor)
   engine         LLM start (worker_extension_cls=WsyncWorkerExtension, weight_transfer backend "ipc")
   wsync_dense    first = export + map + plan + copy; steady = mark_ready + one RPC of planned copies
-  wsync_sparse   per density: plan + encode into the shared staging buffer + one RPC (decode + scatter)
+  wsync_sparse   per density: the flat IPC format (transfer/ipc_flat.py): write into the shared staging
+                 buffer (a few cats) + one RPC (range check + one scatter per dtype into the runtime
+                 params, repointed into one buffer per dtype at engine setup: wsync_ipc_flatten)
   wsync_unmap    the engine drops its mappings; the trainer closes its exports
   vllm_unpacked  vLLM's own ipc backend: start_weight_update -> trainer_send_weights -> finish
   vllm_packed    the same with packed=True and a buffer >= the largest tensor
@@ -116,6 +118,7 @@ class Run:
         buckets = flatten_params(self.weights, int(self.cfg["bucket_mb"]) * MIB)
         self.layout = runtime_layout(self.metas, self.shape.tied)
         self.specs = {m.name: m for m in self.metas}
+        self.shapes = {m.name: tuple(m.shape) for m in self.metas}
         _sync()
         torch.cuda.empty_cache()
         storages, _ = layout_of(self.weights)
@@ -174,7 +177,14 @@ class Run:
                        weight_transfer_config=weight_transfer_config("ipc"))
         start_s = time.perf_counter() - t0
         metas = self.rpc("wsync_param_metas")
-        return {"start_s": start_s, "runtime_params": len(metas), "free_before_gib": free0 / 2**30,
+        # one-time engine setup, untimed by the syncs: the name-and-slice map, then vLLM's runtime params
+        # repointed into one flat buffer per dtype (flat sparse apply = one scatter per dtype)
+        hf = [{"name": m.name, "dtype": m.dtype, "shape": list(m.shape)} for m in self.metas]
+        self.rpc("wsync_build_param_map", hf, int(self.cfg["bucket_mb"]) * MIB)
+        flatten = self.rpc("wsync_ipc_flatten")
+        print(f"[{self.cfg['shape']}] flatten: {flatten}", flush=True)
+        return {"start_s": start_s, "runtime_params": len(metas), "flatten": flatten,
+                "free_before_gib": free0 / 2**30,
                 "total_gib": total / 2**30, "free_after_gib": torch.cuda.mem_get_info()[0] / 2**30,
                 "engine_memory": self.rpc("wsync_ipc_memory", False)}
 
@@ -256,19 +266,19 @@ class Run:
         return out
 
     def _sparse_once(self, patches: list) -> dict:
-        """One timed sparse sync: plan, encode into the staging buffer, (re-send it if it grew), one RPC."""
-        from wsync.transfer.sparse import plan_sparse
-
+        """One timed sparse sync in the flat IPC format (transfer/ipc_flat.py): write every patch into the
+        staging buffer (one cat for the indices, one per dtype for the values; no planning, no host sync),
+        (re-send the buffer if it grew), mark ready, one RPC (range check + one scatter per dtype)."""
         t0 = time.perf_counter()
-        metas = plan_sparse(patches, self.specs, "auto", self.weights)
+        metas, nbytes, grew = self.staging.write_flat(patches, self.shapes)
         t1 = time.perf_counter()
-        nbytes, grew = self.staging.write(metas, patches, self.weights)
         remap = self.rpc("wsync_ipc_map_staging", self.staging.export()) if grew else None
         self.exporter.mark_ready()
         t2 = time.perf_counter()
-        eng = self.rpc("wsync_ipc_sparse", self.staging.staging_id, [m.to_dict() for m in metas])
-        return {"plan_ms": (t1 - t0) * 1e3, "write_ms": (t2 - t1) * 1e3, "rpc_ms": (time.perf_counter() - t2) * 1e3,
-                "staged_bytes": nbytes, "grew": grew, "remap": remap, "engine": eng}
+        eng = self.rpc("wsync_ipc_sparse_flat", self.staging.staging_id, [m.to_list() for m in metas])
+        return {"format": "ipc_flat", "plan_ms": 0.0, "write_ms": (t1 - t0) * 1e3, "ready_ms": (t2 - t1) * 1e3,
+                "rpc_ms": (time.perf_counter() - t2) * 1e3, "staged_bytes": nbytes, "grew": grew,
+                "remap": remap, "engine": eng}
 
     def wsync_unmap(self) -> dict:
         before = torch.cuda.memory_allocated()

@@ -103,7 +103,7 @@ class FakeWorker(WsyncWorkerExtension):
         hf = types.SimpleNamespace(tie_word_embeddings=s.tied)
         self.vllm_config = types.SimpleNamespace(
             parallel_config=types.SimpleNamespace(rank=0, world_size=1), quant_config=None,
-            model_config=types.SimpleNamespace(hf_config=hf))
+            model_config=types.SimpleNamespace(hf_config=hf, enforce_eager=True))
 
 
 class FakeLLM:

@@ -146,3 +146,80 @@ def test_unmap_drops_everything(setup):
     worker.wsync_ipc_map(exp.to_dict())
     out = worker.wsync_ipc_unmap()
     assert out["export_id"] is None and worker._wsync_ipc is None
+
+
+def _stage_flat(fake, weights, density, seed):
+    from wsync.transfer.ipc_flat import flat_layout, flat_metas, write_flat
+
+    g = torch.Generator().manual_seed(seed)
+    patches = []
+    for name, t in weights.items():
+        flat = t.view(-1)
+        idx = (torch.rand(flat.numel(), generator=g) < density).nonzero().view(-1)
+        flat[idx] = (flat[idx].float() + 0.25).to(t.dtype)
+        patches.append(SparsePatch(name, idx.to(torch.int32), flat[idx].clone()))
+    metas = flat_metas(patches, {n: t.shape for n, t in weights.items()})
+    buf = torch.zeros(flat_layout(metas).total + 16, dtype=torch.uint8)
+    write_flat(buf, metas, patches)
+    h = fake.share(buf.untyped_storage())
+    export = {"uuid": GPU0, "size": buf.numel(), "buffer": h.to_dict(), "staging_id": f"f{seed}"}
+    return export, [m.to_list() for m in metas]
+
+
+def test_flatten_then_dense_and_flat_sparse_land_in_live_params(setup):
+    worker, fake, weights, expected = setup
+    model = worker.model_runner.model
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():  # distinct runtime values, so "values kept" means something
+        p.data.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+    before = worker.wsync_fingerprint()
+    exp = fake.export(weights)
+    got = worker.wsync_ipc_map(exp.to_dict(), 1 << 20, True)
+    assert got["flatten"]["flattened"] and not got["flatten"]["already"], got["flatten"]
+    assert worker.wsync_fingerprint() == before  # every runtime value kept
+    assert len({p.data.untyped_storage().data_ptr() for p in model.parameters()}) == 1  # one dtype: one buffer
+    worker.wsync_ipc_dense(exp.export_id)
+    assert worker.wsync_fingerprint() == expected()
+    for seed in (1, 2):
+        export, metas = _stage_flat(fake, weights, 0.02, seed)
+        worker.wsync_ipc_map_staging(export)
+        out = worker.wsync_ipc_sparse_flat(export["staging_id"], metas)
+        assert out["scatters"] == 1 and out["elements"] > 0
+        assert worker.wsync_fingerprint() == expected()
+    with pytest.raises(IpcStaleLayoutError):
+        worker.wsync_ipc_sparse_flat("other", metas)
+    # out of range: refused, nothing written
+    stage = worker._wsync_ipc["staging"].buf
+    stage[:4].view(torch.int32).fill_(-5)
+    snap = worker.wsync_fingerprint()
+    with pytest.raises(ValueError, match="out of range"):
+        worker.wsync_ipc_sparse_flat(export["staging_id"], metas)
+    assert worker.wsync_fingerprint() == snap
+    # dense again after all that, into the same live parameters
+    for t in weights.values():
+        t.mul_(-1)
+    worker.wsync_ipc_dense(exp.export_id)
+    assert worker.wsync_fingerprint() == expected()
+
+
+def test_flat_sparse_without_flatten_and_refused_flatten(setup):
+    worker, fake, weights, expected = setup
+    exp = fake.export(weights)
+    worker.vllm_config.model_config.enforce_eager = False
+    got = worker.wsync_ipc_map(exp.to_dict(), 1 << 20, True)
+    assert not got["flatten"]["flattened"] and "enforce_eager" in got["flatten"]["reason"]
+    worker.wsync_ipc_dense(exp.export_id)
+    export, metas = _stage_flat(fake, weights, 0.05, 7)
+    worker.wsync_ipc_map_staging(export)
+    out = worker.wsync_ipc_sparse_flat(export["staging_id"], metas)
+    assert out["scatters"] > 1  # per runtime parameter, still correct
+    assert worker.wsync_fingerprint() == expected()
+
+
+def test_repointed_params_behind_the_maps_back_rebuild_it(setup):
+    worker, fake, weights, expected = setup
+    exp = fake.export(weights)
+    worker.wsync_ipc_map(exp.to_dict())
+    worker.wsync_ipc_flatten()  # no map rebuild asked for by the caller: the data_ptr check catches it
+    worker.wsync_ipc_dense(exp.export_id)
+    assert worker.wsync_fingerprint() == expected()

@@ -113,6 +113,22 @@ class ReferenceEngineCore:
             torch.cuda.synchronize(self.device)
         return ReceiveReport(recv_ms=(time.perf_counter() - t0) * 1e3, elements=sum(m.count for m in metas))
 
+    def apply_flat(self, staged) -> dict:
+        """A flat-format sparse sync (transfer/ipc_flat.py, e.g. read from a CUDA-IPC staging buffer) into
+        the parameters: one range check (one host sync; nothing written on a bad index), one scatter per
+        dtype run of each flat bucket (flatten_params). The storage plan is rebuilt when a parameter moved."""
+        from wsync.transfer.ipc_flat import apply_flat, flat_ranges
+
+        key = tuple(p.data_ptr() for p in self.params.values())
+        cached = getattr(self, "_flat_ranges", None)
+        if cached is None or cached[0] != key:
+            cached = self._flat_ranges = (key, flat_ranges(self.params))
+        with torch.no_grad():
+            out = apply_flat(cached[1], staged)
+        if self.params and next(iter(self.params.values())).device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
     def shutdown(self) -> None:
         self.leave_group()
 

@@ -12,6 +12,10 @@ checks every index is in range (one host sync; nothing is written when one is no
 (`apply.apply_patches`), then synchronizes once. The trainer must not write the next sync before the
 engine returned (decoded values may alias the staging buffer until they are applied).
 
+Flat format ("ipc_flat", transfer/ipc_flat.py): `IpcStaging.write_flat(patches, shapes)` (no planning,
+no encoding, a handful of kernels, no host sync) and `StagingMapping.flat(staging_id, metas)` (views) feed
+`ipc_flat.apply_flat`, one scatter per dtype run whatever the tensor count; same buffer, same staging id.
+
 The buffer grows (x1.5, 2 MiB granules) only when a sync does not fit; growing re-exports it under a new
 `staging_id`, and the engine refuses a sync naming another id (`IpcStaleLayoutError`).
 """
@@ -34,6 +38,7 @@ from .ipc import (
     open_storage,
     share_storage,
 )
+from .ipc_flat import FlatMeta, FlatStaged, flat_layout, flat_metas, read_flat, write_flat
 from .sparse import pack_stream, stream_layout
 
 __all__ = ["IpcStaging", "StagingMapping", "in_range", "read_staging", "staging_layout", "write_staging"]
@@ -173,6 +178,16 @@ class IpcStaging:
         assert self.buf is not None
         return write_staging(self.buf, metas, patches, params), grew
 
+    def write_flat(self, patches: Sequence[SparsePatch],
+                   shapes: Mapping[str, Sequence[int]]) -> tuple[list[FlatMeta], int, bool]:
+        """The flat format (ipc_flat): (metas in flat order, bytes written, whether the buffer was
+        re-allocated: send `export()` to the engine first). No host sync; call the transport's mark_ready()
+        before the engine reads. Send `[m.to_list() for m in metas]` with the staging id."""
+        metas = flat_metas(patches, shapes)
+        grew = self.ensure(flat_layout(metas).total)
+        assert self.buf is not None
+        return metas, write_flat(self.buf, metas, patches), grew
+
     def close(self) -> None:
         self.buf, self._handle = None, None
         if self.device.type == "cuda":
@@ -206,6 +221,13 @@ class StagingMapping:
             raise IpcStaleLayoutError(f"sparse sync staged in {staging_id}, mapped {self.staging_id}: "
                                       "map the trainer's current staging buffer first")
         return read_staging(self.buf, metas)
+
+    def flat(self, staging_id: str, metas: Sequence) -> FlatStaged:
+        """Views of a flat-format sync (ipc_flat.read_flat); same staleness rule as `patches`."""
+        if self.buf is None or staging_id != self.staging_id:
+            raise IpcStaleLayoutError(f"sparse sync staged in {staging_id}, mapped {self.staging_id}: "
+                                      "map the trainer's current staging buffer first")
+        return read_flat(self.buf, metas)
 
     def close(self) -> None:
         self.buf, self.staging_id = None, None

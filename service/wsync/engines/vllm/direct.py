@@ -125,7 +125,7 @@ class DirectReceiveMixin:
             slices[meta.name] = [rt, first, rows]
         padded = self._wsync_check_coverage(runtime, spans)
         self._wsync_map = {"metas": metas, "targets": targets, "bucket_bytes": int(bucket_bytes), "owners": owners,
-                           "hf_metas": list(hf_metas)}
+                           "hf_metas": list(hf_metas), "ptrs": [p.data_ptr() for _, _, p in owners]}
         return {"tensors": len(metas), "runtime_params": len(runtime), "skipped": skipped, "padded_rows": padded,
                 "slices": slices, "bucket_bytes": int(bucket_bytes), "ms": (time.perf_counter() - t0) * 1e3}
 

@@ -11,6 +11,10 @@ parameters, q/k/v -> qkv_proj and gate/up -> gate_up_proj at their output_sizes 
   wsync_ipc_dense(export_id)       one dense sync: planned device copies, one stream sync
   wsync_ipc_map_staging(export)    map the trainer's sparse staging buffer (IpcStaging.export())
   wsync_ipc_sparse(staging_id, metas)  decode the staged stream on the GPU, check ranges, scatter
+  wsync_ipc_flatten()              repoint vLLM's runtime parameters into one flat buffer per dtype
+                                   (explicit, once; refused with a reason -> per-tensor paths stay)
+  wsync_ipc_sparse_flat(staging_id, metas)  the flat format (transfer/ipc_flat.py): one range check
+                                   (one host sync) and one index_copy_ per dtype run, whatever the count
   wsync_ipc_unmap()                drop every mapping (the trainer's memory is then releasable)
   wsync_ipc_memory(reset_peak)     this process's CUDA memory counters
 
@@ -73,7 +77,9 @@ class IpcReceiveMixin:
         m = getattr(self, "_wsync_map", None)
         if m is None:
             raise RuntimeError("wsync: no param map on this worker; call wsync_ipc_map first")
-        if any(module._parameters.get(attr) is not p for module, attr, p in m["owners"]):
+        ptrs = m.get("ptrs")
+        if any(module._parameters.get(attr) is not p for module, attr, p in m["owners"]) or (
+                ptrs is not None and ptrs != [p.data_ptr() for _, _, p in m["owners"]]):
             self.wsync_build_param_map(m["hf_metas"], m["bucket_bytes"])
             m = self._wsync_map
         return m
@@ -88,8 +94,11 @@ class IpcReceiveMixin:
         skip = [n for n, t in m["targets"].items() if t.untyped_storage().data_ptr() not in live]  # tied lm_head
         return st["mapping"].plan(m["targets"], key=id(st["map_token"]), skip=skip)
 
-    def wsync_ipc_map(self, export: dict, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict:
-        """Map the trainer's export (plain dict) and plan the dense copies. Idempotent for the same export."""
+    def wsync_ipc_map(self, export: dict, bucket_bytes: int = DEFAULT_BUCKET_BYTES, flatten: bool = False) -> dict:
+        """Map the trainer's export (plain dict) and plan the dense copies. Idempotent for the same export.
+        flatten: once the map is built, repoint the runtime parameters into one buffer per dtype
+        (wsync_ipc_flatten, in the trainer's order so dense copies merge; its
+        report under "flatten"; a refusal leaves everything as it was)."""
         from wsync.transfer.ipc import IpcExport
 
         t0 = time.perf_counter()
@@ -98,11 +107,12 @@ class IpcReceiveMixin:
         rebuilt = m is None or _norm(m["hf_metas"]) != _norm(_metas_of(exp))
         if rebuilt:
             self.wsync_build_param_map(_metas_of(exp), int(bucket_bytes))
+        flat = self.wsync_ipc_flatten() if flatten else None  # after the map: laid out in the trainer's order
         t1 = time.perf_counter()
         remapped = st["mapping"].ensure(exp)
         t2 = time.perf_counter()
         plan = self._wsync_ipc_plan(self._wsync_ipc_targets())
-        return {"export_id": exp.export_id, "remapped": remapped, "map_rebuilt": rebuilt,
+        return {"export_id": exp.export_id, "remapped": remapped, "map_rebuilt": rebuilt, "flatten": flat,
                 "buffers": len(exp.buffers), "tensors": plan.tensors, "copies": plan.copies, "bytes": plan.bytes,
                 "param_map_ms": (t1 - t0) * 1e3, "open_ms": (t2 - t1) * 1e3, "plan_ms": _ms(t2), "ms": _ms(t0)}
 
@@ -148,6 +158,84 @@ class IpcReceiveMixin:
         _sync()
         return {"decode_ms": (t1 - t0) * 1e3, "check_ms": (t2 - t1) * 1e3, "apply_ms": _ms(t2), "ms": _ms(t0),
                 "elements": sum(p.count for p in live), "tensors": len(live)}
+
+    def _wsync_flatten_unsupported(self) -> str | None:
+        why = self.wsync_direct_unsupported()
+        if why:
+            return why
+        mc = getattr(self.vllm_config, "model_config", None)
+        if getattr(mc, "enforce_eager", None) is not True:
+            return "repointing parameters needs enforce_eager=True (CUDA graphs capture their addresses)"
+        if getattr(mc, "enable_sleep_mode", False):
+            return "repointing parameters would move them out of vLLM's sleep-mode memory pool"
+        cg = getattr(getattr(self.vllm_config, "compilation_config", None), "cudagraph_mode", None)
+        if cg is not None and "NONE" not in str(cg).upper():
+            return f"repointing parameters needs CUDA graphs off (cudagraph_mode={cg})"
+        return None
+
+    def wsync_ipc_flatten(self) -> dict:
+        """Explicit, once per engine: repoint every runtime parameter into ONE flat buffer per dtype
+        (transfer.flat.flatten_by_dtype; the original memory is freed), so a flat-format sparse sync is one
+        scatter per dtype. Only for the engines the direct map serves (TP=1, unquantized) run with
+        enforce_eager and without sleep mode; else {"flattened": False, "reason"} and nothing changes
+        (every path keeps working per tensor). The param map and every IPC copy plan are rebuilt after."""
+        from wsync.transfer.flat import flatten_by_dtype
+
+        t0 = time.perf_counter()
+        why = self._wsync_flatten_unsupported()
+        if why:
+            return {"flattened": False, "reason": why, "ms": _ms(t0)}
+        model = self._wsync_model()
+        named = list(model.named_parameters())
+        m = getattr(self, "_wsync_map", None)
+        if m is not None:  # the trainer's order, so dense copies of neighbours merge
+            rank = {rt: i for i, rt in enumerate(dict.fromkeys(self._wsync_runtime_names(m)))}
+            named.sort(key=lambda kv: rank.get(kv[0], len(rank)))
+        with torch.no_grad():
+            out = flatten_by_dtype(named)
+        if out.get("flattened") and not out.get("already"):
+            _sync()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if m is not None:
+                self.wsync_build_param_map(m["hf_metas"], m["bucket_bytes"])
+        return {**out, "ms": _ms(t0)}
+
+    def _wsync_runtime_names(self, m: dict) -> list[str]:
+        model = self._wsync_model()
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [names[id(p)] for _, _, p in m["owners"] if id(p) in names]
+
+    def _wsync_flat_ranges(self, m: dict):
+        """transfer.ipc_flat.FlatRanges of the map's targets (cached with the map; the tied lm_head's
+        placeholder is checked but never written)."""
+        if m.get("flat_ranges") is None:
+            from wsync.transfer.ipc_flat import flat_ranges
+
+            live = {p.data.untyped_storage().data_ptr() for _, _, p in m["owners"]}
+            skip = [n for n, t in m["targets"].items() if t.untyped_storage().data_ptr() not in live]
+            m["flat_ranges"] = flat_ranges(m["targets"], skip)
+        return m["flat_ranges"]
+
+    def wsync_ipc_sparse_flat(self, staging_id: str, metas: list) -> dict:
+        """A flat-format sparse sync (transfer/ipc_flat.py; metas = [[name, dtype, shape, count], ...] in
+        flat order, HF checkpoint names, local flat indices): range check (one host sync; a bad index leaves
+        the model untouched), one index_copy_ per dtype run into the runtime slices, synchronize."""
+        from wsync.transfer.ipc_flat import apply_flat
+
+        t0 = time.perf_counter()
+        st, m = self._wsync_ipc_state(), self._wsync_ipc_targets()
+        ranges = self._wsync_flat_ranges(m)
+        st["mapping"].wait_ready()
+        staged = st["staging"].flat(str(staging_id), metas)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            out = apply_flat(ranges, staged)
+        t2 = time.perf_counter()
+        _sync()
+        return {**out, "prep_ms": (t1 - t0) * 1e3, "apply_ms": (t2 - t1) * 1e3, "ms": _ms(t0),
+                "tensors": sum(1 for x in staged.metas if x.count), "views": len(ranges.views)}
 
     def wsync_ipc_unmap(self) -> dict:
         st = getattr(self, "_wsync_ipc", None)
