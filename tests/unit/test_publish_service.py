@@ -12,13 +12,13 @@ import uuid
 
 import pytest
 import torch
+from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.meta import param_metas
+from wsync.transfer.sparse import SparsePatch
 
 from tests.fakes.app import fake_client, wait_job
 from tests.fakes.cores import baseline
 from tests.fakes.wire import Hub
-from wsync.transfer.fingerprint import fingerprint
-from wsync.transfer.meta import param_metas
-from wsync.transfer.sparse import SparsePatch
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_dense_then_sparse_publish_verified_and_recorded(svc):
     r, job = pub.publish(engines, "2", mode="sparse", requested="auto", base="1", patches=[patch])
     assert job["state"] == "succeeded" and job["kind"] == "sync_sparse", job["error"]
     assert job["result"]["verified"] is True and _versions(client, engines) == ["2", "2"]
-    assert client.get(f"/v1/results?kind=sync_sparse").json()["total"] == 1
+    assert client.get("/v1/results?kind=sync_sparse").json()["total"] == 1
     assert [c[1] for c in hub.calls if c[0] == hub.calls[-1][0]][-1] == "leave_group"  # group torn down
     assert all(e["state"] == "ready" for e in client.get("/v1/engines").json()["items"])
 
@@ -120,7 +120,7 @@ def test_sparse_onto_an_engine_without_the_baseline(svc):
 
 
 def test_layout_mismatch_is_422_naming_the_tensor(svc):
-    client, hub, engines = svc
+    client, _hub, _engines = svc
     params = {n: t.clone() for n, t in baseline("fake-model").items()}
     metas = [m.to_dict() for m in param_metas(params.items())]
     metas[1]["shape"] = [8, 9]
@@ -134,7 +134,7 @@ def test_layout_mismatch_is_422_naming_the_tensor(svc):
 
 
 def test_second_publisher_on_a_held_slot_is_409_until_freed(svc):
-    client, hub, engines = svc
+    client, hub, _engines = svc
     first = StandIn(client, hub)
     metas = [m.to_dict() for m in first.metas()]
     r = client.post("/v1/trainers", json={"name": "policy", "params": metas})
