@@ -6,10 +6,12 @@ during a publish (failed job naming it)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from wsync.engines.hf import load_causal_lm
@@ -46,14 +48,15 @@ def _http(c, method, path, body=None):
 def test_publish_dense_then_auto_and_bad_input(service, model):
     with Client(service.url, timeout=120) as c:
         eid = c.engines.launch("reference", dtype="float32").id
-        bf16 = [m.to_dict() for m in param_metas(model.named_parameters())]
+        good = [m.to_dict() for m in param_metas(model.named_parameters())]
+        bf16 = [dict(m) for m in good]
         bf16[0]["dtype"] = "bfloat16"
         with pytest.raises(UnprocessableEntityError) as err:
             _http(c, "POST", "/v1/trainers", {"name": "policy", "params": bf16})
         assert bf16[0]["name"] in err.value.message and err.value.field == "params.0"
         with Publisher(c, model, name="policy", host="127.0.0.1", bucket_bytes=1 << 20) as pub:
             with pytest.raises(ConflictError):
-                _http(c, "POST", "/v1/trainers", {"name": "policy", "params": bf16[1:2]})
+                _http(c, "POST", "/v1/trainers", {"name": "policy", "params": good})
             first = pub.publish("auto", engine_ids=[eid], version=0)
             assert first.report.mode == "dense" and first.verified and first.job.result["transport"] == "gloo"
             with torch.no_grad():
@@ -83,6 +86,29 @@ def _silent_publish(c, engine_ids, version, beat: threading.Event | None = None)
                 _http(c, "POST", f"/v1/trainers/{slot['id']}/heartbeat")
         threading.Thread(target=beats, daemon=True).start()
     return job["id"], box, thread
+
+
+def _newest_engine_process(root: int) -> int:
+    """The most recently started Ray actor process of a reference engine under the service's process."""
+    parents, starts, names = {}, {}, {}
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parents[int(d.name)], starts[int(d.name)] = int(stat[1]), int(stat[19])
+            names[int(d.name)] = (d / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    found = [p for p in names if "ReferenceEngineCore" in names[p] and under(p)]
+    assert found, "no engine process found"
+    return max(found, key=starts.__getitem__)
 
 
 _PARAMS: dict = {}
@@ -116,10 +142,7 @@ def test_engine_dies_during_a_publish(service):
         stop = threading.Event()
         job_id, box, thread = _silent_publish(c, [eid], "8", beat=stop)
         thread.join(60)  # the engine joined: the publish is under way, the engine waits for bytes
-        server = psutil.Process(service.proc.pid)
-        engines = [p for p in server.children(recursive=True)
-                   if "ReferenceEngineCore" in " ".join(p.cmdline())]
-        max(engines, key=lambda p: p.create_time()).kill()
+        os.kill(_newest_engine_process(service.proc.pid), signal.SIGKILL)
         deadline = time.time() + 120
         while c.jobs.get(job_id).state not in ("failed", "succeeded") and time.time() < deadline:
             time.sleep(0.5)
