@@ -26,6 +26,7 @@ Torch and the wsync service package are imported here (the publish core is torch
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -125,10 +126,8 @@ class Publisher:
         while not self._stop.wait(max(0.1, (self.lease_s or 30.0) / 3)):
             if self.id is None:
                 continue
-            try:
+            with contextlib.suppress(Exception):  # the next publish reports a lost slot
                 self._http("POST", f"/v1/trainers/{self.id}/heartbeat")
-            except Exception:  # noqa: BLE001 - the next publish reports a lost slot
-                pass
 
     def engine_versions(self, engine_ids: Sequence[str] | None) -> dict[str, str | None]:
         page = self._http("GET", "/v1/engines")
@@ -178,10 +177,8 @@ class Publisher:
             finally:
                 group.close()
         except BaseException as exc:
-            try:
+            with contextlib.suppress(Exception):  # the job may have ended already; the original error matters
                 self._http("POST", done, {"error": f"{type(exc).__name__}: {exc}"})
-            except Exception:  # noqa: BLE001 - the job may have ended already; the original error matters
-                pass
             raise
         body = report.to_dict()
         body["total_ms"] = (time.perf_counter() - t0) * 1e3
