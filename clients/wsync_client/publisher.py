@@ -26,7 +26,9 @@ Torch and the wsync service package are imported here (the publish core is torch
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +43,11 @@ from wsync.transfer.sparse import SparsePatch
 
 from ._core import APICall
 
-__all__ = ["PublishResult", "Publisher", "default_host"]
+__all__ = ["PublishFailed", "PublishResult", "Publisher", "default_host"]
+
+
+class PublishFailed(RuntimeError):
+    """The service failed the publish job before this process could send."""
 
 
 def default_host() -> str:
@@ -92,7 +98,10 @@ class Publisher:
         self.host = host or default_host()
         self.timeout_s = timeout_s
         self.id: str | None = None
+        self.lease_s: float | None = None
         self.rank0 = is_publishing_rank()
+        self._beat: threading.Thread | None = None
+        self._stop = threading.Event()
 
     # ---- HTTP -----------------------------------------------------------------------------------
     def _http(self, method: str, path: str, body: Any = None) -> Any:
@@ -104,8 +113,21 @@ class Publisher:
         body = {"name": self.name, "host": self.host, "device": str(self.device), "gpu_uuid": _gpu_uuid(self.device),
                 "params": [m.to_dict() for m in self.core.metas()]}
         out = self._http("POST", "/v1/trainers", body)
-        self.id = out["id"]
+        self.id, self.lease_s = out["id"], out.get("lease_s")
+        if self.lease_s and self._beat is None:
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeats, name="wsync-publisher-heartbeat", daemon=True)
+            self._beat.start()
         return out
+
+    def _heartbeats(self) -> None:
+        """Keep the slot's lease while this process lives (also during a long send); a process that dies
+        stops beating, and the service fails its running publish once the lease runs out."""
+        while not self._stop.wait(max(0.1, (self.lease_s or 30.0) / 3)):
+            if self.id is None:
+                continue
+            with contextlib.suppress(Exception):  # the next publish reports a lost slot
+                self._http("POST", f"/v1/trainers/{self.id}/heartbeat")
 
     def engine_versions(self, engine_ids: Sequence[str] | None) -> dict[str, str | None]:
         page = self._http("GET", "/v1/engines")
@@ -130,8 +152,12 @@ class Publisher:
                                  base_version=base_version)
         if mode == "auto" and len(set(versions.values())) > 1:
             plan.fallback = f"engines serve different versions {sorted(map(str, set(versions.values())))}"
-        rdv = Rendezvous(self.host, free_port(), len(versions) + 1, backend_for(self.device), f"pub-{self.id}")
+        rdv = Rendezvous(self.host, free_port(), len(versions) + 1, backend_for(self.device),
+                         f"pub-{self.id}-{plan.version}")
         job = self._http("POST", f"/v1/trainers/{self.id}/publish", self._body(plan, list(versions), rdv))
+        if job.get("mode", plan.mode) != plan.mode:  # the service found an engine without the baseline
+            plan = self.core.prepare("dense", version=plan.version)
+            plan.requested, plan.fallback = mode, job.get("fallback")
         return PublishResult(self._send(plan, rdv, job["id"]), self.client.wait(job["id"], timeout=self.timeout_s))
 
     def _body(self, plan: Plan, engine_ids: list[str], rdv: Rendezvous) -> dict:
@@ -140,25 +166,53 @@ class Publisher:
         return {**d, "engine_ids": engine_ids, "rendezvous": rdv.to_dict()}
 
     def _send(self, plan: Plan, rdv: Rendezvous, job_id: str) -> PublishReport:
-        """Open rank 0 (blocks until the engines join), send, and tell the service how it went."""
+        """Open rank 0 (until the engines join, or the job fails first), send, and tell the service how it
+        went (``done`` with the report, or ``{error}``)."""
         done = f"/v1/trainers/{self.id}/publish/{job_id}/done"
         t0 = time.perf_counter()
         try:
-            group = open_group(rdv, 0, self.device, timeout_s=self.timeout_s)
+            group = self._open(rdv, job_id)
             try:
                 report = self.core.send(group, plan)
             finally:
                 group.close()
         except BaseException as exc:
-            self._http("POST", done, {"error": f"{type(exc).__name__}: {exc}"})
+            with contextlib.suppress(Exception):  # the job may have ended already; the original error matters
+                self._http("POST", done, {"error": f"{type(exc).__name__}: {exc}"})
             raise
         body = report.to_dict()
         body["total_ms"] = (time.perf_counter() - t0) * 1e3
         self._http("POST", done, body)
         return report
 
+    def _open(self, rdv: Rendezvous, job_id: str) -> Any:
+        """Rank 0 of the publish's group, opened in a helper thread while the job is watched: a job that
+        fails before every engine joined (an engine died, the fleet moved) ends the wait at once."""
+        box: dict[str, Any] = {}
+
+        def opener() -> None:
+            try:
+                box["group"] = open_group(rdv, 0, self.device, timeout_s=self.timeout_s)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        thread = threading.Thread(target=opener, name="wsync-publisher-open", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            if thread.is_alive():
+                job = self._http("GET", f"/v1/jobs/{job_id}")
+                if job.get("state") in ("failed", "cancelled"):
+                    raise PublishFailed(f"publish job {job_id} {job['state']} before the engines joined: "
+                                        f"{job.get('error')}")
+        if "error" in box:
+            raise box["error"]
+        return box["group"]
+
     def close(self) -> None:
         """DELETE /v1/trainers/{id}: frees the slot."""
+        self._stop.set()
+        self._beat = None
         if self.id is not None and self.rank0:
             self._http("DELETE", f"/v1/trainers/{self.id}")
             self.id = None

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
     delta_snapshots: int = Field(default=1, ge=0, description="Weight versions the trainer keeps a device copy of, "
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
+    publisher_lease_s: float = Field(default=30.0, gt=0, description="An external trainer's slot frees after this "
+                                     "long without a heartbeat, publish or done (its running publish fails).")
+    publish_done_timeout_s: float = Field(default=600.0, gt=0, description="How long a publish job waits for the "
+                                          "engines' receives and the publisher's done before it fails.")
     api_token: str | None = Field(default=None, description="Bearer token required on mutating routes (and reads "
                                   "when api_token_reads); `wsync serve` needs one to bind a non-loopback host.")
     api_token_reads: bool = Field(default=False, description="Require the token on read-only routes too.")

@@ -17,8 +17,8 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync,
-               trainer)
+from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, rollouts,
+               sync, trainer, trainers)
 from .limits import BodySizeLimit
 
 log = logging.getLogger("wsync")
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
     metrics.install(app, events.install(app))
     dashboard.install(app)  # / and /docs from local assets
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: refuses before parsing
-    for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
+    for module in (health, engines, rollouts, trainer, trainers, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
     return app
 

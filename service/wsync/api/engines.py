@@ -43,5 +43,6 @@ def delete_engine(engine_id: str, fleet: FleetDep) -> EngineInfo:
 def generate(engine_id: str, req: GenerateRequest, fleet: FleetDep) -> GenerateResponse:
     fleet.get_engine(engine_id)
     with fleet.holding(engine_lock(engine_id)):
+        version = fleet.get_engine(engine_id).info.version  # the weights that generate (stamps rollouts)
         gens = fleet.generate(engine_id, req.prompts, req.max_new_tokens)
-    return GenerateResponse(engine_id=engine_id, generations=gens)
+    return GenerateResponse(engine_id=engine_id, generations=gens, version=version)

@@ -65,7 +65,8 @@ class ReceiveReport:
 
 @runtime_checkable
 class EngineCore(Protocol):
-    """Every engine core implements these; the sync layer calls nothing else."""
+    """Every engine core implements these; the sync layer calls nothing else (``SamplingEngine.sample``,
+    below, is optional)."""
 
     kind: str
 
@@ -96,3 +97,14 @@ class EngineCore(Protocol):
     def recv_sparse(self, update: SparseUpdate) -> ReceiveReport: ...
 
     def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class SamplingEngine(Protocol):
+    """Optional: engines that serve RL rollouts (POST /v1/engines/{id}/sample). ``n`` completions of
+    exactly ``max_new_tokens`` tokens per prompt; per prompt a dict with ``prompt_ids``, ``token_ids``
+    [n][T], ``logprobs`` [n][T] (the sampled tokens' log-probabilities under the engine's weights) and
+    ``texts``. Raises while paused for a weight update."""
+
+    def sample(self, prompts: list[str], n: int = 1, max_new_tokens: int = 16, temperature: float = 1.0,
+               top_k: int = 0, seed: int = 0) -> list[dict]: ...

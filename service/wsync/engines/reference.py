@@ -18,7 +18,14 @@ from wsync.transfer.meta import TensorMeta, param_metas
 from wsync.transfer.sparse import SparseMeta, apply_patches, recv_sparse
 
 from .contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
-from .hf import greedy_generate, load_causal_lm, named_params, resolve_device, set_cpu_threads
+from .hf import (
+    greedy_generate,
+    load_causal_lm,
+    named_params,
+    resolve_device,
+    set_cpu_threads,
+)
+from .sampling import sample
 
 
 class EngineError(RuntimeError):
@@ -50,6 +57,15 @@ class ReferenceEngineCore:
         if self.paused:
             raise EngineError("engine is paused for a weight update")
         return greedy_generate(self.lm, self.tokenizer, prompts, max_new_tokens, self.device)
+
+    def sample(self, prompts: list[str], n: int = 1, max_new_tokens: int = 16, temperature: float = 1.0,
+               top_k: int = 0, seed: int = 0) -> list[dict]:
+        """Rollouts (engines.contract.SamplingEngine) via engines.sampling.sample: logprobs from one full
+        forward over each prompt's [n, L] batch, so a trainer with equal weights gets equal numbers."""
+        if self.paused:
+            raise EngineError("engine is paused for a weight update")
+        return sample(self.lm, self.tokenizer, prompts, n, max_new_tokens, temperature=temperature, top_k=top_k,
+                      seed=seed, device=self.device)
 
     def pause(self) -> None:
         self.paused = True

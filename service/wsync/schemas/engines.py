@@ -37,6 +37,8 @@ class EngineLaunch(WireModel):
                     "'direct': wsync's wire straight into vLLM's runtime parameters through a name-and-slice "
                     "map built once (fused qkv / gate_up handled; any sparse encoding); an engine whose model "
                     "is not mapped falls back to 'native' and says why in details.")
+    dtype: str = Field(default="bfloat16", pattern="^(bfloat16|float16|float32)$",
+                       description="Weights' dtype (an external trainer must publish the same).")
     wait: bool = Field(default=True, description="Answer once the engine is ready (else 202 at once).")
 
     model_config = {
@@ -65,4 +67,5 @@ class GenerateRequest(WireModel):
 
 class GenerateResponse(ResponseModel):
     engine_id: str
+    version: str | None = Field(default=None, description="The weight version that generated (None: unknown).")
     generations: list[dict]

@@ -84,3 +84,8 @@ class SyncReport(ResponseModel):
     messages: int | None = Field(default=None, description="Broadcasts the trainer made.")
     zero_copy: int | None = Field(default=None, description="Of those, sent straight from parameter storage (dense).")
     engines: list[EngineSyncReport] = Field(default_factory=list)
+    transport: str | None = Field(default=None, description="The wire the bytes took (gloo, nccl, vllm_native, ...).")
+    trainer: str | None = Field(default=None, description="An external trainer's slot name (None: the trainer actor).")
+    requested: str | None = Field(default=None, description="External publish: dense | sparse | auto as asked.")
+    fallback: str | None = Field(default=None, description="Why a sparse/auto publish went dense.")
+    publisher_ms: float | None = Field(default=None, description="External publish: the publisher's own send time.")

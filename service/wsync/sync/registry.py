@@ -23,6 +23,7 @@ from wsync.schemas.common import utcnow
 from wsync.settings import Settings
 
 from .calls import Caller, short
+from .external import Publishers
 from .groups import TransferGroups
 from .records import EngineRecord
 from .trainer import Trainer
@@ -41,6 +42,7 @@ class Fleet:
         self.trainer = Trainer(settings, store, actors, self.caller)
         self.engines: dict[str, EngineRecord] = {}
         self.groups = TransferGroups(self.caller, settings.group_timeout_s, lambda: self.trainer.actor, self.engines)
+        self.publishers = Publishers(settings.publisher_lease_s, self._engine_metas)
         self._guard = threading.RLock()
 
     @property
@@ -82,7 +84,8 @@ class Fleet:
         info = EngineInfo(id=engine_id, kind=req.kind, model=model, name=req.name, state=EngineState.starting,
                           version=f"base:{model}", created_at=utcnow())
         options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager,
-                   "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route}
+                   "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route,
+                   "dtype": req.dtype}
         rec = EngineRecord(info=info, actor=self.actors.create_engine(req.kind.value, model, self.device, options))
         with self._guard:
             self.engines[engine_id] = rec
@@ -141,6 +144,21 @@ class Fleet:
     def generate(self, engine_id: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
         rec = self.ready_engines([engine_id], field="engine_id")[0]
         return self.caller.get(rec.actor.call("generate", prompts, max_new_tokens), f"engine {engine_id} generate")
+
+    def _engine_metas(self, rec: EngineRecord) -> list:
+        """An engine's checkpoint layout (TensorMetas), for an external trainer's layout check."""
+        return self.caller.get(rec.actor.call("param_metas"), f"engine {rec.id} param_metas")
+
+    def sample(self, engine_id: str, prompts: list[str], n: int, max_new_tokens: int, temperature: float,
+               top_k: int, seed: int) -> tuple[str | None, list[dict]]:
+        """Sampled completions with logprobs (rollouts) and the version that produced them."""
+        rec = self.ready_engines([engine_id], field="engine_id")[0]
+        version = rec.info.version
+        try:
+            pending = rec.actor.call("sample", prompts, n, max_new_tokens, temperature, top_k, seed)
+        except AttributeError:  # the optional contract method (engines.contract.SamplingEngine) is absent
+            raise Conflict(f"engine {engine_id} ({rec.info.kind.value}) does not sample", field="engine_id") from None
+        return version, self.caller.get(pending, f"engine {engine_id} sample")
 
     def serving_versions(self) -> list[str]:
         """Every known weight version some engine serves (what the trainer keeps snapshots of)."""

@@ -11,8 +11,10 @@ recv_dense, recv_sparse). Names are the strings engines list in ``EngineDetails.
 - ``vllm_native`` (VLLMNative): vLLM's own weight-transfer API and wire; flat_int32 sparse only.
 - ``cuda_ipc``: reserved (the engine shares the trainer's GPU; wsync.transfer.ipc) — a CudaIpc class
   registered here when it lands.
-- an external trainer (a process outside the service sending on its own) registers a transport whose
-  ``open``/``send_*`` talk to it instead of the trainer actor.
+- ``external`` (External): the trainer is a process outside the service (a publisher, the user's own
+  training loop; wsync.sync.external). It hosts the rendezvous and sends the wsync wire itself; the
+  transport's ``open``/``send_*`` talk to its handle (``ExternalHandle``: resolved by the publisher's
+  ``done``) instead of the trainer actor. Chosen for a ``TrainerSide(kind="external")``.
 
 A new transport is a new subclass plus one ``TRANSPORTS`` entry.
 """
@@ -33,6 +35,9 @@ class TrainerSide:
 
     device: str  # "cpu" or "cuda"
     gpu_uuid: str | None = None
+    #: "actor": the service's trainer actor; otherwise a TRANSPORTS key naming the trainer's own family
+    #: of transports (e.g. "external": a publisher outside the service)
+    kind: str = "actor"
 
 
 class Transport:
@@ -122,11 +127,24 @@ class VLLMNative(Transport):
         return trainer.call("send_sparse_vllm", group, patch_id)
 
 
-#: name -> class. "cuda_ipc" (CudaIpc, transfer/ipc.py) and an external trainer's transport go here.
+class External(WsyncWire):
+    """The wsync wire from a trainer outside the service (a publisher; wsync.sync.external): it hosts
+    the group's rendezvous as rank 0 and sends by itself. ``trainer`` is its ``ExternalHandle``:
+    ``open`` resolves at once (the publisher opens its own side), ``send_*`` resolve with the stats the
+    publisher reports in ``done`` (or fail with its error). The name is the wire's ("gloo"/"nccl")."""
+
+    @classmethod
+    def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
+        return trainer.kind == "external" and name == ("nccl" if trainer.device.startswith("cuda") else "gloo")
+
+
+#: name -> class. "cuda_ipc" (CudaIpc, transfer/ipc.py) goes here. A trainer side whose ``kind`` is not
+#: "actor" picks from the entry of that kind ("external": a publisher outside the service).
 TRANSPORTS: dict[str, type[Transport]] = {
     "gloo": WsyncWire,
     "nccl": WsyncWire,
     "vllm_native": VLLMNative,
+    "external": External,
 }
 
 
@@ -136,10 +154,13 @@ class NoTransport(RuntimeError):
 
 def choose(engine: EngineDetails, trainer: TrainerSide) -> Transport:
     """The first of the engine's transports (its order of preference) this trainer can use."""
+    family = None if trainer.kind == "actor" else TRANSPORTS.get(trainer.kind)
     for name in engine.transports:
-        cls = TRANSPORTS.get(name)
+        cls = family or TRANSPORTS.get(name)
         if cls is not None and cls.usable(name, trainer, engine):
             return cls(name)
+    sends = [n for n, c in TRANSPORTS.items() if family is None and c.usable(n, trainer, engine)]
+    if family is not None:
+        sends = [n for n in ("gloo", "nccl") if family.usable(n, trainer, engine)]
     raise NoTransport(f"no transport in common: the engine receives on {engine.transports or 'nothing'}, "
-                      f"the trainer ({trainer.device}) sends on "
-                      f"{[n for n, c in TRANSPORTS.items() if c.usable(n, trainer, engine)] or 'nothing'}")
+                      f"the {trainer.kind} trainer ({trainer.device}) sends on {sends or 'nothing'}")

@@ -72,6 +72,13 @@ def greedy_params(max_tokens: int):  # temperature 0 = greedy
     return _vllm("vllm").SamplingParams(temperature=0.0, max_tokens=int(max_tokens))
 
 
+def sampling_params(n: int, max_tokens: int, temperature: float, top_k: int, seed: int):
+    """n completions of exactly ``max_tokens`` tokens each, with the sampled token's logprob."""
+    return _vllm("vllm").SamplingParams(n=int(n), temperature=float(temperature), top_k=int(top_k) or -1,
+                                        seed=int(seed), max_tokens=int(max_tokens), min_tokens=int(max_tokens),
+                                        ignore_eos=True, logprobs=0)
+
+
 def shutdown_llm(llm) -> None:
     getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", lambda: None)()
     with contextlib.suppress(Exception):
@@ -189,6 +196,22 @@ class VLLMEngineCore:
             raise VLLMEngineError("engine is paused for a weight update")
         outs = llm.generate(list(prompts), greedy_params(max_new_tokens), use_tqdm=False)
         return [{"token_ids": [int(t) for t in o.outputs[0].token_ids], "text": o.outputs[0].text} for o in outs]
+
+    def sample(self, prompts: list[str], n: int = 1, max_new_tokens: int = 16, temperature: float = 1.0,
+               top_k: int = 0, seed: int = 0) -> list[dict]:
+        """Rollouts (engines.contract.SamplingEngine): per prompt prompt_ids, token_ids [n][T], logprobs
+        [n][T] (vLLM's logprob of each sampled token), texts."""
+        llm = self._require_llm()
+        if self.paused:
+            raise VLLMEngineError("engine is paused for a weight update")
+        params = sampling_params(n, max_new_tokens, temperature, top_k, seed)
+        out = []
+        for o in llm.generate(list(prompts), params, use_tqdm=False):
+            tokens = [[int(t) for t in c.token_ids] for c in o.outputs]
+            lps = [[float(step[t].logprob) for step, t in zip(c.logprobs or [], ids)] for c, ids in zip(o.outputs, tokens)]
+            out.append({"prompt_ids": [int(t) for t in o.prompt_token_ids], "token_ids": tokens, "logprobs": lps,
+                        "texts": [c.text for c in o.outputs]})
+        return out
 
     def pause(self) -> None:
         self._require_llm().sleep(level=0)
