@@ -45,7 +45,6 @@ for sub in ("service", "clients"):
 
 from wsync.engines.contract import DenseUpdate, SparseUpdate
 from wsync.engines.hf import load_causal_lm
-from wsync.engines.contract import DenseUpdate, SparseUpdate
 from wsync.engines.reference import ReferenceEngineCore
 from wsync.engines.sampling import sample, sequence_logprobs
 from wsync.models import resolve_model
