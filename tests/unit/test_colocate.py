@@ -9,7 +9,12 @@ import pytest
 from tests.fakes.app import fake_client, wait_job
 from tests.fakes.wire import Hub
 from wsync.actors.placement import (
-    PlacementError, actor_options, check_capacity, memory_budget, plan_placement, trainer_reserve,
+    PlacementError,
+    actor_options,
+    check_capacity,
+    memory_budget,
+    plan_placement,
+    trainer_reserve,
 )
 from wsync.engines.contract import EngineDetails
 from wsync.sync.transports import NoTransport, TrainerSide, choose, same_gpu
