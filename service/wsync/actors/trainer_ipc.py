@@ -81,6 +81,8 @@ class TrainerIpcMixin:
         from wsync.transfer.ipc_sparse import IpcStaging
 
         self._require_model()
+        if self.device.type == "cuda":
+            torch.cuda.ipc_collect()  # memory of sessions whose engines released their mapping since
         mine = gpu_uuid_of(self.device)
         if mine is None or not engine_uuid or engine_uuid.lower().removeprefix("gpu-") != \
                 mine.lower().removeprefix("gpu-"):
