@@ -183,3 +183,27 @@ def test_memory_budget_names_what_it_needs_and_what_it_found():
     assert why is not None
     assert "needs 112.0 GiB" in why and "100.0 GiB is free" in why and "gpu_memory_utilization <=" in why
     assert trainer_reserve(gib, 1) == int(gib * 5) + 2 * gib
+
+
+def test_ray_actors_refuse_an_engine_at_once_when_its_gpu_share_is_not_free(monkeypatch):
+    """No Ray actor is created (it would wait forever): the refusal names the need, the cluster and the
+    holders; with share free, the engine gets the colocated fraction and is told it is colocated."""
+    import wsync.actors.engine as ae
+    from wsync.settings import Settings
+
+    actors = ae.RayActors(Settings(device="cuda"))
+    actors.device, actors.placement = "cuda", plan_placement("cuda", 1.0)
+    monkeypatch.setattr(ae, "PLACEMENT_WAIT_S", 0.0)
+    monkeypatch.setattr(ae.ray, "available_resources", lambda: {"GPU": 0.0})
+    monkeypatch.setattr(ae, "_holders", lambda: "TrainerCore 0.25 GPU, VLLMEngineCore 0.75 GPU")
+    created = []
+    monkeypatch.setattr(ae.ray, "remote", lambda cls: created.append(cls))
+    with pytest.raises(PlacementError, match=r"needs 0.25 GPU.*0 free \(TrainerCore 0.25 GPU"):
+        actors.create_engine("reference", "m", "cuda", {})
+    assert created == [] and actors.colocated
+
+
+def test_legacy_actor_options_still_give_one_gpu_per_actor():
+    from wsync.actors.engine import actor_options as legacy
+
+    assert legacy("cuda")["num_gpus"] == 1.0 and legacy("cpu") == {"num_cpus": 0, "max_concurrency": 1}

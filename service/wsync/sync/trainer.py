@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+from wsync.actors.placement import PlacementError
 from wsync.actors.ref import ActorRef, Actors
 from wsync.actors.trainer import MAX_HELD_PATCHES
 from wsync.errors import Conflict, InvalidInput
@@ -47,8 +48,11 @@ class Trainer:
     def _actor(self) -> ActorRef:
         with self._create_lock:  # an engine becoming ready may ask for the trainer's GPU concurrently
             if self.actor is None:
-                self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
-                                                        self.settings.dense_bucket_bytes)
+                try:
+                    self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
+                                                            self.settings.dense_bucket_bytes)
+                except PlacementError as exc:
+                    raise Conflict(f"cannot place the trainer: {exc}", field="trainer", rule="gpu_capacity") from exc
             return self.actor
 
     def load(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
