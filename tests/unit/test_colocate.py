@@ -39,6 +39,7 @@ def test_same_gpu_uuid_chooses_cuda_ipc_else_nccl_else_gloo():
     with pytest.raises(NoTransport, match="GPU-b"):
         choose(_details(["cuda_ipc"], "GPU-b"), TrainerSide("cuda", "GPU-a"))
     assert not same_gpu(None, None) and not same_gpu("", "GPU-")
+    assert same_gpu("GPU-GPU-abc", "abc")  # a doubled prefix (torch's str may already carry one)
 
 
 def test_reference_engine_lists_cuda_ipc_only_on_a_gpu():
@@ -207,3 +208,56 @@ def test_legacy_actor_options_still_give_one_gpu_per_actor():
     from wsync.actors.engine import actor_options as legacy
 
     assert legacy("cuda")["num_gpus"] == 1.0 and legacy("cpu") == {"num_cpus": 0, "max_concurrency": 1}
+
+
+# ---- the vLLM engine core's cuda_ipc calls (fake LLM: only the call sequence) ---------------------
+class _IpcLLM:
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append((method, args))
+        return [{"wsync_direct_unsupported": None, "wsync_param_metas": [],
+                 "wsync_ipc_dense": {"bytes": 64, "copies": 1, "copy_ms": 0.1},
+                 "wsync_ipc_sparse": {"elements": 3, "ms": 0.1}}.get(method)]
+
+    def __getattr__(self, name):  # reset_prefix_cache, sleep, wake_up, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *a, **k: self.calls.append((name, a))
+
+
+def test_vllm_engine_cuda_ipc_call_sequence(monkeypatch):
+    from tests.fakes.vllm_modules import api_of
+    from wsync.engines.contract import DenseUpdate, IpcDense, IpcSparse, SparseUpdate
+    from wsync.engines.vllm import engine as ve
+    from wsync.transfer.sparse import SparseMeta
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(ve, "create_llm", lambda model, **kw: _IpcLLM())
+    monkeypatch.setattr(ve, "engine_kwargs", lambda *a, **k: {})
+    monkeypatch.setattr(ve, "detect_generation", lambda: api_of("A", "0.24.0"))
+    eng = ve.VLLMEngineCore("/models/tiny", "cuda", {})  # the native route still offers cuda_ipc first
+    assert eng.transports() == ["cuda_ipc", "vllm_native"]
+    llm = eng.llm
+    eng.join_group({"name": "g", "world_size": 2, "exports": {"1": {"export_id": "e1"}}}, 1, "cuda_ipc")
+    assert llm.calls[-1] == ("wsync_ipc_map", ({"export_id": "e1"},))
+    eng.prepare_sync(DenseUpdate([], 1024))  # nothing to build: the map came with the export
+    llm.calls.clear()
+    got = eng.recv_dense(DenseUpdate([], 1024, ipc=IpcDense("e1")))
+    assert [c[0] for c in llm.calls] == ["wsync_ipc_dense", "reset_prefix_cache"] and got.bytes == 64
+    llm.calls.clear()
+    eng.recv_dense(DenseUpdate([], 1024, ipc=IpcDense("e2", {"export_id": "e2"})))  # re-exported: map first
+    assert [c[0] for c in llm.calls] == ["wsync_ipc_map", "wsync_ipc_dense", "reset_prefix_cache"]
+    assert llm.calls[1][1] == ("e2",)
+    llm.calls.clear()
+    meta = SparseMeta("model.embed_tokens.weight", "bfloat16", [10, 4], 3, "flat_int32", 18)
+    out = eng.recv_sparse(SparseUpdate([meta], ipc=IpcSparse("s1", {"staging_id": "s1"})))
+    assert [c[0] for c in llm.calls] == ["wsync_ipc_map_staging", "wsync_ipc_sparse", "reset_prefix_cache"]
+    assert llm.calls[1][1][0] == "s1" and llm.calls[1][1][1][0]["name"] == "model.embed_tokens.weight"
+    assert out.elements == 3
+    with pytest.raises(ve.VLLMEngineError, match="ipc field"):
+        eng.recv_dense(DenseUpdate([], 1024))
+    llm.calls.clear()
+    eng.leave_group()
+    assert llm.calls == [("wsync_ipc_unmap", ())]

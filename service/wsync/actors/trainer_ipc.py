@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wsync.engines.contract import IpcDense, IpcSparse
+from wsync.engines.contract import IpcDense, IpcSparse, normalize_gpu_uuid
 from wsync.transfer.meta import TransferStats
 from wsync.transfer.sparse import SparseMeta, payload_bytes
 
@@ -84,8 +84,7 @@ class TrainerIpcMixin:
         if self.device.type == "cuda":
             torch.cuda.ipc_collect()  # memory of sessions whose engines released their mapping since
         mine = gpu_uuid_of(self.device)
-        if mine is None or not engine_uuid or engine_uuid.lower().removeprefix("gpu-") != \
-                mine.lower().removeprefix("gpu-"):
+        if not normalize_gpu_uuid(mine) or normalize_gpu_uuid(mine) != normalize_gpu_uuid(engine_uuid):
             raise IpcDeviceError(f"cuda_ipc: the engine at rank {rank} is on GPU {engine_uuid or 'unknown'}, the "
                                  f"trainer on {mine or self.device}; CUDA IPC needs both on the same physical GPU")
         found = self.groups.get(group)

@@ -19,6 +19,15 @@ from wsync.transfer.meta import TensorMeta
 from wsync.transfer.sparse import SparseMeta
 
 
+def normalize_gpu_uuid(uuid: str | None) -> str:
+    """A GPU UUID without its "GPU-" prefix(es), lower case ("" when unknown): torch, NVML and vLLM
+    spell the same GPU differently."""
+    u = (uuid or "").strip().lower()
+    while u.startswith("gpu-"):
+        u = u[4:]
+    return u
+
+
 @dataclass
 class EngineDetails:
     """What an engine reports once it is ready."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from wsync.actors.ref import ActorRef
-from wsync.engines.contract import DenseUpdate, EngineDetails, SparseUpdate
+from wsync.engines.contract import DenseUpdate, EngineDetails, SparseUpdate, normalize_gpu_uuid
 from wsync.transfer.sparse import SparseMeta
 
 CUDA_IPC = "cuda_ipc"
@@ -35,9 +35,7 @@ CUDA_IPC = "cuda_ipc"
 
 def same_gpu(a: str | None, b: str | None) -> bool:
     """Whether two reported GPU UUIDs name the same physical GPU ("GPU-" prefix or not)."""
-    def norm(u: str | None) -> str:
-        return (u or "").strip().lower().removeprefix("gpu-")
-    return bool(norm(a)) and norm(a) == norm(b)
+    return bool(normalize_gpu_uuid(a)) and normalize_gpu_uuid(a) == normalize_gpu_uuid(b)
 
 
 @dataclass(frozen=True)
