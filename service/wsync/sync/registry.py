@@ -117,7 +117,8 @@ class Fleet:
             details: EngineDetails = self.caller.wait([rec.actor.call("ready")],
                                                       self.settings.engine_start_timeout_s)[0]
             rec.transport = choose(details, TrainerSide(device=self.device, gpu_uuid=self.trainer.gpu_uuid()))
-            rec.info.details = _details_dict(details, rec.transport.name)
+            rec.info.details = {**_details_dict(details, rec.transport.name),
+                                "colocated": bool(getattr(self.actors, "colocated", False))}
             rec.info.device = details.device
             rec.info.state = EngineState.ready
         except Exception as exc:
