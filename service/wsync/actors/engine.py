@@ -51,6 +51,21 @@ class RayRef:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
+    def wait_gone(self, timeout_s: float = 30.0) -> bool:
+        """After ``kill``: wait (at most ``timeout_s``) until Ray reports the actor dead, i.e. its process
+        and the GPU memory it held are gone (a colocated engine starting next must not profile GPU
+        memory while a dead one is still releasing it). True when gone."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.handle.__ray_ready__.remote(), timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except ray.exceptions.RayActorError:
+                return True
+            except Exception:  # noqa: BLE001 - a timeout or a transient error: ask again
+                pass
+            time.sleep(0.2)
+        return False
+
 
 class RayActors:
     """Starts (or joins) Ray, creates actors, gathers ObjectRefs."""

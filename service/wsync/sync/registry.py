@@ -155,6 +155,9 @@ class Fleet:
             self.engines.pop(engine_id, None)
         self.caller.best_effort([rec.actor.call("shutdown")], 30)
         rec.actor.kill()
+        wait_gone = getattr(rec.actor, "wait_gone", None)
+        if wait_gone is not None and getattr(self.actors, "colocated", False):
+            wait_gone(30.0)  # its GPU memory is free before a colocated engine starts next to the trainer
         rec.info.state = EngineState.stopped
         return rec.info
 

@@ -108,14 +108,12 @@ def check_gpu_memory(utilization: float, colocated: bool, settle_s: float = 15.0
     if not torch.cuda.is_available():
         return  # nothing to measure here (vLLM reports its own device error)
     free, total = torch.cuda.mem_get_info()
-    deadline = time.monotonic() + (settle_s if colocated else 0.0)
-    while time.monotonic() < deadline:
+    deadline, stable = time.monotonic() + (settle_s if colocated else 0.0), 0
+    while time.monotonic() < deadline and stable < 3:  # three quiet samples, 0.5 s apart
         time.sleep(0.5)
         now, _ = torch.cuda.mem_get_info()
-        settled = abs(now - free) < 256 * (1 << 20)
+        stable = stable + 1 if abs(now - free) < 256 * (1 << 20) else 0
         free = now
-        if settled:
-            break
     need = utilization * total
     holders = "the colocated trainer and other engines" if colocated else "other processes"
     if free < need:
