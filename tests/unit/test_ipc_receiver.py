@@ -75,3 +75,96 @@ def test_dense_remap_stale_refused_sparse_and_close():
 
     rx.close()
     assert rx.mapping.export is None and rx.staging.buf is None
+
+
+class _Trainer:
+    """The parts of TrainerCore the cuda_ipc mixin uses, on CPU tensors."""
+
+    def __init__(self, params):
+        self.device, self.params, self.groups, self.held = torch.device("cpu"), params, {}, {}
+
+    def _require_model(self):
+        pass
+
+    def _patch(self, patch_id):
+        return self.held[patch_id]
+
+    def _current_params(self, patch_id):
+        return self.params
+
+    def close_group(self, name=None):
+        self.ipc_close(name)
+
+
+def test_trainer_sessions_to_receiver_end_to_end_on_cpu(monkeypatch):
+    """TrainerIpcMixin (actors/trainer_ipc.py) -> plain data -> IpcReceiver, CUDA faked: the export goes
+    once, again only after a reload; the staging export goes once; a foreign GPU is refused; close drops
+    every session."""
+    import wsync.actors.trainer_ipc as ti
+    import wsync.transfer.ipc as ipc
+    import wsync.transfer.ipc_sparse as ips
+    from wsync.transfer.ipc import IpcDeviceError
+
+    fake = FakeIpc()
+
+    class Exporter:
+        def __init__(self, params):
+            self.params, self._key, self._export = params, None, None
+
+        def current(self):
+            key = tuple(t.data_ptr() for t in self.params.values())
+            if key != self._key:
+                self._key, self._export = key, fake.export(self.params)
+            return self._export
+
+        def mark_ready(self):
+            pass
+
+        def close(self):
+            self.params = {}
+
+    class Staging(ips.IpcStaging):
+        def export(self):
+            if self._handle is None:
+                self._handle = {"uuid": GPU0, "size": self.capacity, "staging_id": f"s-{self.generation}",
+                                "buffer": fake.share(self.buf.untyped_storage()).to_dict()}
+            return self._handle
+
+    monkeypatch.setattr(ipc, "IpcExporter", Exporter)
+    monkeypatch.setattr(ips, "IpcStaging", Staging)
+    monkeypatch.setattr(ti, "gpu_uuid_of", lambda device: GPU0)
+
+    class T(ti.TrainerIpcMixin, _Trainer):
+        pass
+
+    trainer = T(flat_model(seed=1))
+    engine = flat_model(seed=2)
+    rx = _receiver(fake)
+    with pytest.raises(IpcDeviceError, match="same physical GPU"):
+        trainer.ipc_open("g", 1, "GPU-other")
+    rx.join({"exports": {"1": trainer.ipc_open("g", 1, GPU0.lower())}}, 1)
+    assert trainer.ipc_sessions("g", 1) == [1]
+    ready = trainer.ipc_dense_ready("g")
+    assert ready[1].export is None  # mapped at join: only the id travels
+    rx.dense(ready[1], engine)
+    assert fingerprint(engine) == fingerprint(trainer.params)
+    assert trainer.ipc_sent("g").bytes == sum(m.nbytes for m in param_metas(trainer.params.items()))
+
+    trainer.params = flat_model(seed=5)  # a reload: the next dense sync carries the new export
+    ready = trainer.ipc_dense_ready("g")
+    assert ready[1].export is not None
+    rx.dense(ready[1], engine)
+    assert fingerprint(engine) == fingerprint(trainer.params)
+    assert trainer.ipc_dense_ready("g")[1].export is None
+
+    specs = {m.name: m for m in param_metas(trainer.params.items())}
+    for i in range(2):
+        trainer.held[f"p{i}"] = _patches(trainer.params, 0.02, seed=10 + i)
+        metas = plan_sparse(trainer.held[f"p{i}"], specs, "auto", trainer.params)
+        got = trainer.ipc_sparse_write("g", f"p{i}", metas)
+        assert (got[1].staging is not None) == (i == 0)  # the staging buffer is sent once
+        rx.sparse(got[1], metas, engine)
+        assert fingerprint(engine) == fingerprint(trainer.params)
+    trainer.close_group("g")
+    assert trainer.groups == {}
+    rx.close()
