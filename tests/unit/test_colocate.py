@@ -261,3 +261,18 @@ def test_vllm_engine_cuda_ipc_call_sequence(monkeypatch):
     llm.calls.clear()
     eng.leave_group()
     assert llm.calls == [("wsync_ipc_unmap", ())]
+
+
+def test_vllm_engine_memory_check_names_need_and_free(monkeypatch):
+    import torch
+
+    from wsync.engines.vllm import memory as mm
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mm.time, "sleep", lambda s: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (50 * gib, 140 * gib))
+    with pytest.raises(mm.VLLMMemoryError, match=r"needs 70.0 GiB of this GPU's 140.0 GiB, but only 50.0 GiB is free"):
+        mm.check_gpu_memory(0.5, colocated=True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (100 * gib, 140 * gib))
+    mm.check_gpu_memory(0.5, colocated=True)  # fits

@@ -50,6 +50,7 @@ from wsync.transfer.group import backend_for
 from wsync.transfer.meta import TensorMeta, dtype_name
 
 from .detect import VLLMApi, _vllm, check_packed, detect_generation, receive_plan, require_installed
+from .memory import check_gpu_memory
 from .payloads import (
     count_of,
     dense_payload_bytes,
@@ -63,7 +64,6 @@ from .payloads import (
 
 NATIVE = "vllm_native"
 CUDA_IPC = "cuda_ipc"
-GIB = 1 << 30
 ROUTES = ("direct", "native")
 
 
@@ -96,31 +96,6 @@ def gpu_uuid() -> str | None:
         return None
     uuid = str(torch.cuda.get_device_properties(0).uuid)
     return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-
-
-def check_gpu_memory(utilization: float, colocated: bool, settle_s: float = 15.0) -> None:
-    """Refuse to start vLLM when the GPU has less free memory than ``utilization`` of it (vLLM's own
-    start-up check, made early and clear: what it needs, what is free). Colocated, first wait (at most
-    ``settle_s``) for free memory to settle: a just-deleted engine on this GPU may still be releasing
-    memory, and vLLM's profiling fails when free memory grows under it."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return  # nothing to measure here (vLLM reports its own device error)
-    free, total = torch.cuda.mem_get_info()
-    deadline, stable = time.monotonic() + (settle_s if colocated else 0.0), 0
-    while time.monotonic() < deadline and stable < 3:  # three quiet samples, 0.5 s apart
-        time.sleep(0.5)
-        now, _ = torch.cuda.mem_get_info()
-        stable = stable + 1 if abs(now - free) < 256 * (1 << 20) else 0
-        free = now
-    need = utilization * total
-    holders = "the colocated trainer and other engines" if colocated else "other processes"
-    if free < need:
-        raise VLLMEngineError(
-            f"gpu_memory_utilization {utilization:g} needs {need / GIB:.1f} GiB of this GPU's {total / GIB:.1f} GiB, "
-            f"but only {free / GIB:.1f} GiB is free ({holders} hold the rest); "
-            f"use gpu_memory_utilization <= {int(free / total * 100) / 100:g}")
 
 
 def native_recv_dense(api: VLLMApi, llm, metas: list, packed: bool, plan: dict) -> None:
