@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     dense_bucket_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     group_timeout_s: float = Field(default=300.0, gt=0)
     engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    colocate: str = Field(default="auto", pattern="^(auto|on|off)$",
+                          description="Share GPUs between the trainer and the engines (CUDA IPC between them): auto = "
+                          "when the cluster has fewer than 2 GPUs.")
+    trainer_gpu_fraction: float = Field(default=0.25, gt=0, lt=1, description="Ray GPU share of a colocated trainer.")
+    engine_gpu_fraction: float = Field(default=0.25, gt=0, lt=1, description="Ray GPU share of each colocated engine "
+                                       "(memory is vLLM's gpu_memory_utilization, checked against free memory).")
     delta_snapshots: int = Field(default=1, ge=0, description="Weight versions the trainer keeps a device copy of, "
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
     publisher_lease_s: float = Field(default=30.0, gt=0, description="An external trainer's slot frees after this "

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from wsync.engines.contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
+from wsync.engines.contract import DenseUpdate, EngineDetails, IpcDense, IpcSparse, ReceiveReport, SparseUpdate
 from wsync.schemas import TrainerInfo, TrainerStepResult
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.meta import TensorMeta, TransferStats, param_metas
@@ -41,6 +41,7 @@ class FakeTrainer:
         self.patches: dict[str, list[SparsePatch]] = {}
         self.snapshots: dict[str, dict[str, torch.Tensor]] = {}
         self.groups: set[str] = set()
+        self.ipc: dict[str, dict[int, dict]] = {}  # cuda_ipc group -> rank -> what that engine was sent
         self.gate = threading.Event()  # tests hold prepare_delta here to catch a running job
         self.gate.set()
 
@@ -129,9 +130,61 @@ class FakeTrainer:
 
     def close_group(self, name: str | None = None) -> None:
         self.hub.log("trainer", "close_group", name)
-        for key in [name] if name else list(self.groups):
+        for key in [name] if name else list(self.groups) + list(self.ipc):
             self.groups.discard(key)
             self.hub.close(key)
+            for sess in self.ipc.pop(key, {}).values():  # the trainer's exports and staging go
+                self.hub.shared.pop(sess.get("staging") or "", None)
+
+    # ---- fake cuda_ipc (the trainer's tensors are "shared": engines read them in place) ---------
+    def gpu_uuid(self) -> str | None:
+        return self.hub.trainer_gpu
+
+    def gpu_memory(self) -> dict:
+        return {"free": 80 << 30, "total": 100 << 30, "allocated": 1 << 30, "param_bytes": 1 << 20}
+
+    def _export_id(self) -> str:
+        eid = f"x-{id(self.params)}"  # a reload replaces the tensors: a new export
+        self.hub.shared[eid] = self.params
+        return eid
+
+    def ipc_open(self, group: str, rank: int, engine_uuid: str | None) -> dict:
+        self.hub.log("trainer", "ipc_open", group)
+        if not self.hub.trainer_gpu or engine_uuid != self.hub.trainer_gpu:
+            raise WireError(f"IpcDeviceError: engine on GPU {engine_uuid}, trainer on {self.hub.trainer_gpu}")
+        eid = self._export_id()
+        self.ipc.setdefault(group, {})[rank] = {"export": eid, "staging": None}
+        return {"export_id": eid}
+
+    def ipc_sessions(self, group: str, expected: int) -> list[int]:
+        self.hub.log("trainer", "ipc_sessions", group)
+        ranks = sorted(self.ipc.get(group, {}))
+        assert ranks == list(range(1, expected + 1)), ranks
+        return ranks
+
+    def ipc_dense_ready(self, group: str) -> dict[int, IpcDense]:
+        self.hub.log("trainer", "ipc_dense_ready", group)
+        eid, out = self._export_id(), {}
+        for rank, sess in self.ipc[group].items():
+            out[rank] = IpcDense(eid, {"export_id": eid} if eid != sess["export"] else None)
+            sess["export"] = eid
+        return out
+
+    def ipc_sparse_write(self, group: str, patch_id: str, metas: list[SparseMeta]) -> dict[int, IpcSparse]:
+        self.hub.log("trainer", "ipc_sparse_write", group)
+        out = {}
+        for rank, sess in self.ipc[group].items():
+            sid = f"s-{group}-{rank}"
+            self.hub.shared[sid] = [SparsePatch(p.name, p.indices.clone(), p.values.clone())
+                                    for p in self.patches[patch_id]]
+            out[rank] = IpcSparse(sid, {"staging_id": sid} if sess["staging"] != sid else None)
+            sess["staging"] = sid
+        return out
+
+    def ipc_sent(self, group: str) -> TransferStats:
+        self.hub.log("trainer", "ipc_sent", group)
+        nbytes = sum(p.numel() * p.element_size() for p in self.params.values())
+        return TransferStats(bytes=nbytes, wire_bytes=nbytes, ms=0.1, messages=1)
 
     def sparse_plan(self, patch_id: str, encoding: str) -> list[SparseMeta]:
         self.hub.log("trainer", "sparse_plan", encoding)
@@ -169,12 +222,13 @@ class FakeEngine:
         self.transports = list((options or {}).get("transports") or hub.transports)
         self.params = baseline(model)
         self.group: tuple[str, int] | None = None
+        self.ipc_map: dict | None = None
         self.paused = False
         self.name = f"engine-{id(self) % 10000}"
 
     def ready(self) -> EngineDetails:
         return EngineDetails(kind=self.kind, model=self.model, device=self.device, num_tensors=len(self.params),
-                             transports=self.transports)
+                             transports=self.transports, gpu_uuid=self.hub.engine_gpu)
 
     def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
         if self.paused:
@@ -198,18 +252,27 @@ class FakeEngine:
         self.hub.log(self.name, "join_group", rendezvous["name"])
         if transport not in self.transports:
             raise WireError(f"asked to join over {transport!r}; receives on {self.transports}")
+        if transport == "cuda_ipc":  # map the export carried by the rendezvous
+            self.ipc_map = {"export": rendezvous["exports"][str(rank)]["export_id"], "staging": None}
+            self.group = (rendezvous["name"], rank)
+            return
         self.hub.join(rendezvous["name"], rank, rendezvous["world_size"], timeout_s)
         self.group = (rendezvous["name"], rank)
 
     def leave_group(self) -> None:
         self.hub.log(self.name, "leave_group", self.group[0] if self.group else None)
-        self.group = None
+        self.group, self.ipc_map = None, None
 
     def prepare_sync(self, update: DenseUpdate) -> None:
         self.hub.log(self.name, "prepare_sync")
         assert all(isinstance(m, TensorMeta) for m in update.metas)
 
     def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
+        if update.ipc is not None:
+            weights = self._mapped(update.ipc, "export")
+            for n, t in weights.items():
+                self.params[n].copy_(t)
+            return ReceiveReport(recv_ms=0.1, bytes=sum(m.nbytes for m in update.metas))
         kind, weights = self._take()
         assert kind == "dense"
         for n, t in weights.items():
@@ -217,6 +280,9 @@ class FakeEngine:
         return ReceiveReport(recv_ms=0.1, bytes=sum(m.nbytes for m in update.metas))
 
     def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
+        if update.ipc is not None:
+            _apply(self.params, self._mapped(update.ipc, "staging"))
+            return ReceiveReport(recv_ms=0.1, elements=sum(m.count for m in update.metas))
         kind, patches = self._take()
         assert kind == "sparse" and [m.name for m in update.metas] == [p.name for p in patches]
         _apply(self.params, patches)
@@ -224,6 +290,21 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.leave_group()
+
+    def _mapped(self, ipc: Any, what: str) -> Any:
+        """What a fake cuda_ipc sync reads: remap when the update carries a new export/staging, refuse a
+        sync naming another id than the one mapped (as transfer.ipc does)."""
+        self.hub.log(self.name, "recv")
+        if self.ipc_map is None:
+            raise WireError("engine is not in a cuda_ipc session")
+        ident = ipc.export_id if what == "export" else ipc.staging_id
+        given = ipc.export if what == "export" else ipc.staging
+        if given is not None:
+            self.ipc_map[what] = ident
+            self.hub.log(self.name, f"map_{what}", ident)
+        if self.ipc_map[what] != ident:
+            raise WireError(f"IpcStaleLayoutError: sync names {ident}, mapped {self.ipc_map[what]}")
+        return self.hub.shared[ident]
 
     def _take(self) -> Any:
         self.hub.log(self.name, "recv")

@@ -33,6 +33,11 @@ class Hub:
         self.fail: dict[str, str] = {}
         self.timeouts_seen: list[float] = []
         self.transports: list[str] = ["gloo"]  # what fake engines list in EngineDetails.transports
+        # fake CUDA IPC: the GPU each side reports (None: no GPU) and the "shared memory" (export or
+        # staging id -> the trainer's live tensors / staged patches), read by engines in place
+        self.trainer_gpu: str | None = None
+        self.engine_gpu: str | None = None
+        self.shared: dict[str, Any] = {}
         self._guard = threading.Lock()
 
     def log(self, who: str, method: str, arg: Any = None) -> None:

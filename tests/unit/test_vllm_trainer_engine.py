@@ -314,7 +314,8 @@ def test_engine_gen_a_sequences(engine_factory):
     assert eng.ready() == EngineDetails(
         kind="vllm", model="/models/tiny", device="cuda", num_tensors=2, transports=["vllm_native"], gpu_uuid=None,
         extra={"vllm_version": "0.24.0", "generation": "A", "weight_transfer_backend": "nccl", "route": "native",
-               "receive": {"dense": "native", "sparse": "native"}})
+               "receive": {"dense": "native", "sparse": "native"},
+               "cuda_ipc_note": "fake: layout not mapped"})  # no worker map: no cuda_ipc offered
     assert eng.generate(["hi", "yo"], 2) == [{"token_ids": [7], "text": "x"}] * 2
     assert llm.calls[-1] == ("generate", ("sp", {"temperature": 0.0, "max_tokens": 2}))
     eng.pause()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,16 +11,18 @@ import ray
 
 from wsync.settings import Settings
 
+from .placement import Placement, PlacementError, check_capacity, plan_placement
+from .placement import actor_options as _actor_options
 from .ref import ActorGone, CallTimeout, RemoteError
 
+#: how long a new actor waits for GPU share that actors being deleted still hold before it is refused
+PLACEMENT_WAIT_S = 20.0
 
-def actor_options(device: str, name: str | None = None) -> dict:
-    """One GPU per actor on a GPU cluster; on CPU no CPU reservation so a 2-core box holds a fleet."""
-    opts: dict = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 0}
-    opts["max_concurrency"] = 1
-    if name:
-        opts["name"] = name
-    return opts
+
+def actor_options(device: str, name: str | None = None, role: str = "engine",
+                  placement: Placement | None = None) -> dict:
+    """Ray options for a ``role`` actor (actors/placement.py): whole GPUs, or fractions when colocated."""
+    return _actor_options(placement or plan_placement(device, 2.0 if device == "cuda" else 0.0, "off"), role, name)
 
 
 def _engine_core(kind: str):
@@ -48,6 +51,21 @@ class RayRef:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
+    def wait_gone(self, timeout_s: float = 30.0) -> bool:
+        """After ``kill``: wait (at most ``timeout_s``) until Ray reports the actor dead, i.e. its process
+        and the GPU memory it held are gone (a colocated engine starting next must not profile GPU
+        memory while a dead one is still releasing it). True when gone."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.handle.__ray_ready__.remote(), timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except ray.exceptions.RayActorError:
+                return True
+            except Exception:  # noqa: BLE001 - a timeout or a transient error: ask again
+                pass
+            time.sleep(0.2)
+        return False
+
 
 class RayActors:
     """Starts (or joins) Ray, creates actors, gathers ObjectRefs."""
@@ -55,7 +73,13 @@ class RayActors:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = "cpu"
+        self.placement = Placement("cpu")
         self._started_ray = False
+
+    @property
+    def colocated(self) -> bool:
+        """Whether the trainer and the engines share GPUs (actors/placement.py)."""
+        return self.placement.colocated
 
     def start(self) -> None:
         if not ray.is_initialized():
@@ -66,10 +90,15 @@ class RayActors:
                 kwargs["num_cpus"] = self.settings.ray_num_cpus
             ray.init(**kwargs)
             self._started_ray = True
+        gpus = float(ray.cluster_resources().get("GPU", 0))
         if self.settings.device == "auto":
-            self.device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            self.device = "cuda" if gpus > 0 else "cpu"
         else:
             self.device = self.settings.device
+        self.placement = plan_placement(self.device, gpus, self.settings.colocate, self.settings.trainer_gpu_fraction,
+                                        self.settings.engine_gpu_fraction)
+        if self.device == "cuda" and gpus <= 0:
+            self.placement = Placement("cuda", 0.0)  # check_capacity then refuses at once, naming the cause
 
     def stop(self) -> None:
         if self._started_ray and ray.is_initialized():
@@ -81,12 +110,34 @@ class RayActors:
     def create_trainer(self, device: str, max_snapshots: int, bucket_bytes: int | None) -> RayRef:
         from wsync.actors.trainer import TrainerCore
 
+        self._await_capacity("trainer")
         cls = ray.remote(TrainerCore)
-        return RayRef(cls.options(**actor_options(device)).remote(_core_device(device), max_snapshots, bucket_bytes))
+        opts = _actor_options(self.placement, "trainer")
+        return RayRef(cls.options(**opts).remote(_core_device(device), max_snapshots, bucket_bytes))
 
     def create_engine(self, kind: str, model: str, device: str, options: dict) -> RayRef:
+        """Raises PlacementError at once (after waiting PLACEMENT_WAIT_S for share that deleted actors
+        still hold) when the engine's GPU share is not free: a Ray actor would wait forever for it."""
+        self._await_capacity("engine")
         cls = ray.remote(_engine_core(kind))
-        return RayRef(cls.options(**actor_options(device)).remote(model, _core_device(device), options))
+        opts = _actor_options(self.placement, "engine")
+        return RayRef(cls.options(**opts).remote(model, _core_device(device), {**options,
+                                                                                "colocated": self.colocated}))
+
+    def _await_capacity(self, role: str) -> None:
+        if self.placement.gpus_for(role) <= 0:
+            return
+        deadline = time.monotonic() + PLACEMENT_WAIT_S
+        while True:
+            free = float(ray.available_resources().get("GPU", 0.0))
+            try:
+                check_capacity(self.placement, role, free)
+                return
+            except PlacementError:
+                if time.monotonic() >= deadline:
+                    check_capacity(self.placement, role, free, _holders())  # raises, naming who holds it
+                    raise
+            time.sleep(0.5)
 
     def wait(self, pending: Sequence[Any], timeout: float) -> list[Any]:
         try:
@@ -97,6 +148,19 @@ class RayActors:
             raise ActorGone(f"the actor is gone ({exc})") from exc
         except ray.exceptions.RayTaskError as exc:
             raise RemoteError(str(exc)) from exc
+
+
+def _holders() -> str:
+    """Which live actors hold GPU share (for a refusal's message); best effort."""
+    try:
+        from ray.util.state import list_actors
+
+        live = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100, timeout=5,
+                                        raise_on_missing_output=False)
+                if (a.get("required_resources") or {}).get("GPU")]
+        return ", ".join(f"{a.get('class_name')} {a['required_resources']['GPU']:g} GPU" for a in live)
+    except Exception:  # noqa: BLE001 - the state API is optional here
+        return ""
 
 
 def _core_device(device: str) -> str:

@@ -18,6 +18,8 @@ from wsync.transfer.group import Rendezvous, backend_for, free_port, open_group
 from wsync.transfer.meta import TensorMeta, TransferStats, param_metas
 from wsync.transfer.sparse import SparseMeta, SparsePatch, payload_bytes, plan_sparse
 
+from .trainer_ipc import TrainerIpcMixin, gpu_uuid_of
+
 
 #: Patches the trainer keeps for sparse syncs; older ones must be re-prepared (or synced dense).
 MAX_HELD_PATCHES = 64
@@ -36,7 +38,9 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-class TrainerCore:
+class TrainerCore(TrainerIpcMixin):
+    """The trainer actor's core; its cuda_ipc side is TrainerIpcMixin (actors/trainer_ipc.py)."""
+
     def __init__(self, device: str | None = None, max_snapshots: int = 1, bucket_bytes: int | None = None):
         self.device = resolve_device(device)
         set_cpu_threads(self.device)
@@ -76,7 +80,7 @@ class TrainerCore:
         metas = self.param_metas()
         return TrainerInfo(loaded=True, model=self.model_name, dtype=self.dtype, device=str(self.device),
                            version=self.version, num_tensors=len(metas), num_params=sum(m.numel for m in metas),
-                           param_bytes=sum(m.nbytes for m in metas))
+                           param_bytes=sum(m.nbytes for m in metas), gpu_uuid=gpu_uuid_of(self.device))
 
     def param_metas(self) -> list[TensorMeta]:
         """Every parameter in the dense wire's order (what a DenseUpdate carries)."""
@@ -211,7 +215,10 @@ class TrainerCore:
         """Close one group by name, or every group."""
         for key in [name] if name is not None else list(self.groups):
             kind, group = self.groups.pop(key, (None, None))
-            if kind == "wsync":
+            if kind == "ipc":
+                self.groups[key] = (kind, group)
+                self.ipc_close(key)
+            elif kind == "wsync":
                 group.close()
             elif kind == "vllm":
                 from wsync.engines import vllm as va

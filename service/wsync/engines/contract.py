@@ -19,6 +19,15 @@ from wsync.transfer.meta import TensorMeta
 from wsync.transfer.sparse import SparseMeta
 
 
+def normalize_gpu_uuid(uuid: str | None) -> str:
+    """A GPU UUID without its "GPU-" prefix(es), lower case ("" when unknown): torch, NVML and vLLM
+    spell the same GPU differently."""
+    u = (uuid or "").strip().lower()
+    while u.startswith("gpu-"):
+        u = u[4:]
+    return u
+
+
 @dataclass
 class EngineDetails:
     """What an engine reports once it is ready."""
@@ -36,19 +45,43 @@ class EngineDetails:
 
 
 @dataclass
+class IpcDense:
+    """One dense sync over the "cuda_ipc" transport: copy from the trainer export ``export_id``.
+    ``export`` (transfer.ipc.IpcExport.to_dict(): plain data) comes along only when the trainer's
+    layout or buffers changed since the engine mapped them; the engine maps it first. An engine
+    whose mapping is not ``export_id`` refuses (transfer.ipc.IpcStaleLayoutError) before any copy."""
+
+    export_id: str
+    export: dict | None = None
+
+
+@dataclass
+class IpcSparse:
+    """One sparse sync over "cuda_ipc": the trainer wrote the stream into staging ``staging_id``
+    (transfer.ipc_sparse layout); ``staging`` (IpcStaging.export()) only when the buffer is new."""
+
+    staging_id: str
+    staging: dict | None = None
+
+
+@dataclass
 class DenseUpdate:
-    """Every parameter, by checkpoint name, in the dense wire's order and buckets."""
+    """Every parameter, by checkpoint name, in the dense wire's order and buckets. ``ipc``: set only on
+    the cuda_ipc transport (what to copy from)."""
 
     metas: list[TensorMeta]
     bucket_bytes: int
     packed: bool = False
+    ipc: IpcDense | None = None
 
 
 @dataclass
 class SparseUpdate:
-    """Only changed elements: one SparseMeta per tensor, in the wire's order."""
+    """Only changed elements: one SparseMeta per tensor, in the wire's order. ``ipc``: set only on the
+    cuda_ipc transport (where the trainer staged the stream)."""
 
     metas: list[SparseMeta]
+    ipc: IpcSparse | None = None
 
 
 @dataclass
@@ -85,7 +118,9 @@ class EngineCore(Protocol):
     def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
         """Join the trainer's transfer group at ``rank`` (>= 1; the trainer is 0) over ``transport`` (one
         of ``ready().transports``); blocks until every rank joined. ``timeout_s``: the service's group
-        timeout (Settings.group_timeout_s), for the communicator and its rendezvous."""
+        timeout (Settings.group_timeout_s), for the communicator and its rendezvous. On "cuda_ipc" the
+        rendezvous carries ``exports[str(rank)]`` (the trainer's IpcExport as plain data), which the
+        engine maps here (an export from another GPU raises transfer.ipc.IpcDeviceError)."""
 
     def leave_group(self) -> None: ...
 

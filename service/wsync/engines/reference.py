@@ -2,7 +2,8 @@
 sparse updates over torch.distributed (gloo on CPU, NCCL on GPU), applying them in place.
 
 It implements the one engine contract (engines/contract.py: EngineCore) and receives on the wsync wire
-("gloo" on CPU, "nccl" on GPU)."""
+("gloo" on CPU, "nccl" on GPU) and, on a GPU, over "cuda_ipc" from a trainer on the same physical GPU
+(engines/ipc_recv.py: the trainer's flat buckets mapped once, device copies per sync)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from .hf import (
 )
 from .sampling import sample
 
+CUDA_IPC = "cuda_ipc"
+
 
 class EngineError(RuntimeError):
     pass
@@ -45,12 +48,13 @@ class ReferenceEngineCore:
         if options.get("bucket_bytes"):  # lay parameters out as the dense wire's buckets: zero-copy receive
             flatten_params(self.params, int(options["bucket_bytes"]))
         self.group: SyncGroup | None = None
+        self.ipc = None  # engines/ipc_recv.IpcReceiver while in a cuda_ipc session
         self.paused = False
 
     # ---- serving ------------------------------------------------------------------------
     def ready(self) -> EngineDetails:
         return EngineDetails(kind=self.kind, model=self.model_name, device=str(self.device),
-                             num_tensors=len(self.params), transports=[backend_for(self.device)],
+                             num_tensors=len(self.params), transports=self._transports(),
                              gpu_uuid=_gpu_uuid(self.device))
 
     def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
@@ -84,22 +88,39 @@ class ReferenceEngineCore:
     def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
         """Join the trainer's group at ``rank`` (blocks until every rank joined). ``transport`` is one of
         ``ready().transports``; the rendezvous names the backend."""
-        if transport not in ("gloo", "nccl"):
-            raise EngineError(f"the reference engine receives on gloo/nccl, not {transport!r}")
+        if transport not in self._transports():
+            raise EngineError(f"this reference engine receives on {self._transports()}, not {transport!r}")
         self.leave_group()
+        if transport == CUDA_IPC:
+            from .ipc_recv import IpcReceiver
+
+            receiver = IpcReceiver(self.device)
+            try:
+                receiver.join(rendezvous, int(rank))
+            except BaseException:
+                receiver.close()
+                raise
+            self.ipc = receiver
+            return
         self.group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
 
     def leave_group(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
+        if self.ipc is not None:
+            receiver, self.ipc = self.ipc, None
+            receiver.close()
 
     def prepare_sync(self, update: DenseUpdate) -> None:
         """Check the layout and build the dense receiver before any byte moves."""
         self._check_metas(update.metas)
-        self._dense_receiver(update.metas, update.bucket_bytes)
+        if self.ipc is None:
+            self._dense_receiver(update.metas, update.bucket_bytes)
 
     def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
+        if self.ipc is not None or update.ipc is not None:
+            return self._recv_dense_ipc(update)
         group = self._require_group()
         self._check_metas(update.metas)
         t0 = time.perf_counter()
@@ -117,7 +138,38 @@ class ReferenceEngineCore:
             cached = self._dense_rx = (key, DenseReceiver(metas, bucket_bytes, self.params, self.device))
         return cached[1]
 
+    def _recv_dense_ipc(self, update: DenseUpdate) -> ReceiveReport:
+        receiver = self._require_ipc(update.ipc)
+        self._check_metas(update.metas)
+        t0 = time.perf_counter()
+        nbytes, copies = receiver.dense(update.ipc, self.params)  # type: ignore[arg-type]
+        return ReceiveReport(recv_ms=(time.perf_counter() - t0) * 1e3, bytes=nbytes, messages=copies,
+                             extra={"transport": CUDA_IPC})
+
+    def _recv_sparse_ipc(self, update: SparseUpdate) -> ReceiveReport:
+        receiver = self._require_ipc(update.ipc)
+        metas: list[SparseMeta] = list(update.metas)
+        self._check_metas(metas)
+        t0 = time.perf_counter()
+        elements = receiver.sparse(update.ipc, metas, self.params)  # type: ignore[arg-type]
+        return ReceiveReport(recv_ms=(time.perf_counter() - t0) * 1e3, elements=elements,
+                             extra={"transport": CUDA_IPC})
+
+    def _require_ipc(self, ipc):
+        if self.ipc is None:
+            raise EngineError("engine is not in a cuda_ipc session (join_group first)")
+        if ipc is None:
+            raise EngineError("a cuda_ipc session needs the update's ipc field (export id / staging id)")
+        return self.ipc
+
+    def _transports(self) -> list[str]:
+        """The wsync wire for this device, and CUDA IPC first on a GPU (usable only from a trainer on
+        the same physical GPU: the service compares UUIDs)."""
+        return ([CUDA_IPC] if self.device.type == "cuda" else []) + [backend_for(self.device)]
+
     def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
+        if self.ipc is not None or update.ipc is not None:
+            return self._recv_sparse_ipc(update)
         group = self._require_group()
         metas: list[SparseMeta] = list(update.metas)
         self._check_metas(metas)

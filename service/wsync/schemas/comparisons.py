@@ -40,6 +40,7 @@ class PhaseReport(ResponseModel):
     send_ms: float
     total_ms: float
     verified: bool | None = None
+    transport: str | None = None  # what the engine was synced over (gloo, nccl, vllm_native, cuda_ipc)
 
 
 class ComparisonReport(ResponseModel):

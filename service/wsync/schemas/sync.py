@@ -64,6 +64,8 @@ class EngineSyncReport(ResponseModel):
     recv_ms: float
     version: str
     fingerprint_equal: bool | None = None
+    transport: str | None = Field(default=None, description="The transport this engine was synced over "
+                                  "(gloo, nccl, vllm_native, cuda_ipc).")
 
 
 class SyncReport(ResponseModel):

@@ -30,6 +30,7 @@ class TrainerInfo(ResponseModel):
     num_params: int = 0
     param_bytes: int = 0
     num_tensors: int = 0
+    gpu_uuid: str | None = None
     params: list[ParamSpec] | None = None
 
 

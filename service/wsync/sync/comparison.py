@@ -62,4 +62,5 @@ def _phase(fleet: Fleet, ctx: JobContext, req: ComparisonCreate, model: str, mod
     return PhaseReport(engine_id=engine.id, trainer_before=trainer_before, before=before, after=after,
                        trainer_after=trainer_after, selected_token_ids=patch.selected_token_ids or [],
                        patch_digest=patch.digest, payload_bytes=sync["payload_bytes"], wire_bytes=sync["wire_bytes"],
-                       send_ms=sync["send_ms"], total_ms=sync["total_ms"], verified=sync["verified"])
+                       send_ms=sync["send_ms"], total_ms=sync["total_ms"], verified=sync["verified"],
+                       transport=(sync.get("engines") or [{}])[0].get("transport"))

@@ -79,8 +79,8 @@ class TransferGroups:
     def _open_all(self, transport: Transport, recs: list[EngineRecord], name: str) -> None:
         trainer = self._trainer()
         assert trainer is not None, "a group needs the trainer"
-        world = 1 + len(recs)
-        rdv = self.caller.wait([trainer.call("rendezvous", world, name, transport.backend)])[0]
+        uuids = [(r.info.details or {}).get("gpu_uuid") for r in recs]
+        rdv = transport.rendezvous(self.caller, trainer, name, uuids)
         pending = [transport.open(trainer, rdv, self.timeout_s)]
         pending += [r.actor.call("join_group", rdv, i + 1, transport.name, self.timeout_s)
                     for i, r in enumerate(recs)]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wsync.actors.placement import PlacementError, memory_budget
 from wsync.actors.ref import Actors
 from wsync.engines.contract import EngineDetails
 from wsync.errors import Conflict, InvalidInput, NotFound
@@ -86,7 +87,13 @@ class Fleet:
         options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager,
                    "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route,
                    "dtype": req.dtype}
-        rec = EngineRecord(info=info, actor=self.actors.create_engine(req.kind.value, model, self.device, options))
+        if req.kind == EngineKind.vllm and getattr(self.actors, "colocated", False):
+            self._check_gpu_memory(req.gpu_memory_utilization)
+        try:
+            actor = self.actors.create_engine(req.kind.value, model, self.device, options)
+        except PlacementError as exc:
+            raise Conflict(f"cannot place the engine: {exc}", field="kind", rule="gpu_capacity") from exc
+        rec = EngineRecord(info=info, actor=actor)
         with self._guard:
             self.engines[engine_id] = rec
         if req.wait:
@@ -95,13 +102,26 @@ class Fleet:
             threading.Thread(target=self._await_ready, args=(rec,), daemon=True).start()
         return rec.info
 
+    def _check_gpu_memory(self, utilization: float) -> None:
+        """A colocated vLLM engine must fit next to the trainer (actors/placement.memory_budget): 409
+        naming gpu_memory_utilization, what it needs and what the GPU has, instead of a failed start."""
+        mem = self.trainer.gpu_memory()
+        if not mem:
+            return
+        why = memory_budget(utilization, int(mem["free"]), int(mem["total"]), int(mem.get("param_bytes", 0)),
+                            int(mem.get("allocated", 0)), self.settings.delta_snapshots)
+        if why:
+            raise Conflict(f"the engine does not fit on the GPU it shares with the trainer: {why}",
+                           field="gpu_memory_utilization", rule="gpu_memory")
+
     def _await_ready(self, rec: EngineRecord) -> None:
         """Wait for the engine's ready(); choose its transport once, here."""
         try:
             details: EngineDetails = self.caller.wait([rec.actor.call("ready")],
                                                       self.settings.engine_start_timeout_s)[0]
-            rec.transport = choose(details, TrainerSide(device=self.device))
-            rec.info.details = _details_dict(details, rec.transport.name)
+            rec.transport = choose(details, TrainerSide(device=self.device, gpu_uuid=self.trainer.gpu_uuid()))
+            rec.info.details = {**_details_dict(details, rec.transport.name),
+                                "colocated": bool(getattr(self.actors, "colocated", False))}
             rec.info.device = details.device
             rec.info.state = EngineState.ready
         except Exception as exc:
@@ -138,6 +158,9 @@ class Fleet:
             self.engines.pop(engine_id, None)
         self.caller.best_effort([rec.actor.call("shutdown")], 30)
         rec.actor.kill()
+        wait_gone = getattr(rec.actor, "wait_gone", None)
+        if wait_gone is not None and getattr(self.actors, "colocated", False):
+            wait_gone(30.0)  # its GPU memory is free before a colocated engine starts next to the trainer
         rec.info.state = EngineState.stopped
         return rec.info
 

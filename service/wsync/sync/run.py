@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from wsync.engines.contract import DenseUpdate, ReceiveReport, SparseUpdate
+from wsync.engines.contract import DenseUpdate, ReceiveReport
 from wsync.jobs.runner import JobContext
 from wsync.schemas import EngineState, EngineSyncReport, PatchInfo, SyncReport
 from wsync.transfer.meta import TransferStats
@@ -67,7 +67,8 @@ def _transfer(fleet: Fleet, ctx: JobContext, recs: list[EngineRecord], order: Sy
             sends.append(send)
             for rec, recv in zip(group, recvs):
                 rec.info.version, rec.info.syncs = version, rec.info.syncs + 1
-                reports.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=version))
+                reports.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=version,
+                                                transport=transport))
     except BaseException:
         for rec in recs:  # the engines' weights are now unknown: refuse sparse until a dense reseed
             rec.info.version = None
@@ -93,13 +94,15 @@ def _sync_partition(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineR
         dense = DenseUpdate(metas=fleet.trainer.record.params, bucket_bytes=bucket)
         call.wait([r.actor.call("prepare_sync", dense) for r in recs])  # maps and plans before any byte
         if order.mode == "dense":
+            updates = transport.dense_updates(call, trainer, name, dense, len(recs))
             send = transport.send_dense(trainer, name, dense)
-            recvs = [r.actor.call("recv_dense", dense) for r in recs]
+            recvs = [r.actor.call("recv_dense", u) for r, u in zip(recs, updates)]
         else:
             assert patch is not None
             plan = call.wait([trainer.call("sparse_plan", patch.id, transport.sparse_encoding(order.encoding))])[0]
+            sparse = transport.sparse_updates(call, trainer, name, patch.id, plan, len(recs))
             send = transport.send_sparse(trainer, name, patch.id, plan)
-            recvs = [r.actor.call("recv_sparse", SparseUpdate(metas=plan)) for r in recs]
+            recvs = [r.actor.call("recv_sparse", u) for r, u in zip(recs, sparse)]
         out = call.wait([send, *recvs])
     except BaseException:
         fleet.groups.close_named(name)  # a broken transfer leaves the group unknown: every side goes

@@ -5,8 +5,10 @@ updates ``record.info.version`` here, so the registry never goes back to the act
 
 from __future__ import annotations
 
+import threading
 import uuid
 
+from wsync.actors.placement import PlacementError
 from wsync.actors.ref import ActorRef, Actors
 from wsync.actors.trainer import MAX_HELD_PATCHES
 from wsync.errors import Conflict, InvalidInput
@@ -24,6 +26,8 @@ class Trainer:
         self.settings, self.store, self.actors, self.caller = settings, store, actors, caller
         self.actor: ActorRef | None = None
         self.record = TrainerRecord()
+        self._gpu_uuid: tuple[ActorRef | None, str | None] | None = None
+        self._create_lock = threading.Lock()
 
     @property
     def info(self) -> TrainerInfo:
@@ -45,10 +49,14 @@ class Trainer:
         return resolve_model(name, s.resolved_model_roots(), s.cache_dir, s.allow_hub_models)
 
     def _actor(self) -> ActorRef:
-        if self.actor is None:
-            self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
-                                                    self.settings.dense_bucket_bytes)
-        return self.actor
+        with self._create_lock:  # an engine becoming ready may ask for the trainer's GPU concurrently
+            if self.actor is None:
+                try:
+                    self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
+                                                            self.settings.dense_bucket_bytes)
+                except PlacementError as exc:
+                    raise Conflict(f"cannot place the trainer: {exc}", field="trainer", rule="gpu_capacity") from exc
+            return self.actor
 
     def load(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
         resolved = self.resolve_model(model)
@@ -135,6 +143,26 @@ class Trainer:
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
         self.require()
         return self.caller.get(self._actor().call("generate", prompts, max_new_tokens), "trainer generate")
+
+    def gpu_uuid(self) -> str | None:
+        """The physical GPU the trainer's weights live on (None on CPU, or when the actor cannot say).
+        Creates the trainer actor if none exists yet: an engine's transport depends on it."""
+        if self.actors.device != "cuda":
+            return None
+        if self._gpu_uuid is None or self._gpu_uuid[0] is not self.actor:
+            try:
+                uuid = self.caller.get(self._actor().call("gpu_uuid"), "trainer GPU")
+            except Exception:  # noqa: BLE001 - a trainer that cannot say: no same-GPU transport
+                uuid = None
+            self._gpu_uuid = (self.actor, uuid)
+        return self._gpu_uuid[1]
+
+    def gpu_memory(self) -> dict | None:
+        """The trainer GPU's memory counters (free, total, allocated, param_bytes); None before a trainer
+        actor exists or off CUDA."""
+        if self.actor is None or self.actors.device != "cuda":
+            return None
+        return self.caller.get(self.actor.call("gpu_memory"), "trainer GPU memory")
 
     def kill(self) -> None:
         if self.actor is not None:

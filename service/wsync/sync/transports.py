@@ -9,8 +9,12 @@ recv_dense, recv_sparse). Names are the strings engines list in ``EngineDetails.
 - ``gloo`` / ``nccl`` (WsyncWire): wsync.transfer's wire (bucketed dense, every sparse encoding,
   checkpoint names) over a wsync process group; gloo on CPU, NCCL on GPU.
 - ``vllm_native`` (VLLMNative): vLLM's own weight-transfer API and wire; flat_int32 sparse only.
-- ``cuda_ipc``: reserved (the engine shares the trainer's GPU; wsync.transfer.ipc) — a CudaIpc class
-  registered here when it lands.
+- ``cuda_ipc`` (CudaIpc): the engine sits on the trainer's physical GPU (same UUID; NCCL refuses two
+  ranks on one GPU). Its "group" is one IPC session per engine (trainer: an IpcExporter over its flat
+  buckets + an IpcStaging buffer; engine: the mapping), opened in ``rendezvous`` (the exports travel
+  in the rendezvous as plain data), reused between syncs and torn down by TransferGroups like any
+  group. A sync first readies the trainer (``dense_updates`` / ``sparse_updates``: re-export only on
+  a layout change, write the sparse staging, one stream sync), then the engines copy.
 - ``external`` (External): the trainer is a process outside the service (a publisher, the user's own
   training loop; wsync.sync.external). It hosts the rendezvous and sends the wsync wire itself; the
   transport's ``open``/``send_*`` talk to its handle (``ExternalHandle``: resolved by the publisher's
@@ -21,12 +25,19 @@ A new transport is a new subclass plus one ``TRANSPORTS`` entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from wsync.actors.ref import ActorRef
-from wsync.engines.contract import DenseUpdate, EngineDetails
+from wsync.engines.contract import DenseUpdate, EngineDetails, SparseUpdate, normalize_gpu_uuid
 from wsync.transfer.sparse import SparseMeta
+
+CUDA_IPC = "cuda_ipc"
+
+
+def same_gpu(a: str | None, b: str | None) -> bool:
+    """Whether two reported GPU UUIDs name the same physical GPU ("GPU-" prefix or not)."""
+    return bool(normalize_gpu_uuid(a)) and normalize_gpu_uuid(a) == normalize_gpu_uuid(b)
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,24 @@ class Transport:
         """The process-group backend the rendezvous names (None: the transport's own)."""
         return None
 
+    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None]) -> dict:
+        """What every side of a new group named ``name`` is told (engines in rank order 1..n)."""
+        return caller.wait([trainer.call("rendezvous", 1 + len(engine_uuids), name, self.backend)])[0]
+
     def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
         """Open the trainer's side of a group (rank 0), concurrently with the engines' join_group."""
         raise NotImplementedError
+
+    def dense_updates(self, caller: Any, trainer: ActorRef, group: str, update: DenseUpdate,
+                      n: int) -> list[DenseUpdate]:
+        """What each of the group's ``n`` engines receives (rank order), readied on the trainer first
+        when the transport needs it; by default the same update for all."""
+        return [update] * n
+
+    def sparse_updates(self, caller: Any, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta],
+                       n: int) -> list[SparseUpdate]:
+        """As ``dense_updates``, for a sparse sync of a held patch planned by ``metas``."""
+        return [SparseUpdate(metas=metas)] * n
 
     def sparse_encoding(self, requested: str) -> str:
         """The wire encoding this transport sends for a requested one."""
@@ -127,6 +153,43 @@ class VLLMNative(Transport):
         return trainer.call("send_sparse_vllm", group, patch_id)
 
 
+class CudaIpc(Transport):
+    """CUDA IPC to engines on the trainer's own GPU (wsync.transfer.ipc / ipc_sparse): the trainer's
+    flat buckets are exported once per session and mapped by the engine; each dense sync is device
+    copies on the engine, each sparse sync one staging write on the trainer + decode/scatter on the
+    engine. The trainer side is TrainerCore's ipc_* methods (actors/trainer_ipc.py)."""
+
+    name = CUDA_IPC
+
+    @classmethod
+    def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
+        return trainer.device == "cuda" and same_gpu(trainer.gpu_uuid, engine.gpu_uuid)
+
+    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None]) -> dict:
+        exports = caller.wait([trainer.call("ipc_open", name, i + 1, u) for i, u in enumerate(engine_uuids)])
+        return {"name": name, "world_size": 1 + len(engine_uuids), "backend": None,
+                "exports": {str(i + 1): e for i, e in enumerate(exports)}}
+
+    def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
+        return trainer.call("ipc_sessions", rendezvous["name"], rendezvous["world_size"] - 1)
+
+    def dense_updates(self, caller: Any, trainer: ActorRef, group: str, update: DenseUpdate,
+                      n: int) -> list[DenseUpdate]:
+        ready = caller.wait([trainer.call("ipc_dense_ready", group)])[0]
+        return [replace(update, ipc=ready[i + 1]) for i in range(n)]
+
+    def sparse_updates(self, caller: Any, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta],
+                       n: int) -> list[SparseUpdate]:
+        ready = caller.wait([trainer.call("ipc_sparse_write", group, patch_id, metas)])[0]
+        return [SparseUpdate(metas=metas, ipc=ready[i + 1]) for i in range(n)]
+
+    def send_dense(self, trainer: ActorRef, group: str, update: DenseUpdate) -> Any:
+        return trainer.call("ipc_sent", group)  # the trainer's work was done in dense_updates
+
+    def send_sparse(self, trainer: ActorRef, group: str, patch_id: str, metas: list[SparseMeta]) -> Any:
+        return trainer.call("ipc_sent", group)
+
+
 class External(WsyncWire):
     """The wsync wire from a trainer outside the service (a publisher; wsync.sync.external): it hosts
     the group's rendezvous as rank 0 and sends by itself. ``trainer`` is its ``ExternalHandle``:
@@ -138,13 +201,14 @@ class External(WsyncWire):
         return trainer.kind == "external" and name == ("nccl" if trainer.device.startswith("cuda") else "gloo")
 
 
-#: name -> class. "cuda_ipc" (CudaIpc, transfer/ipc.py) goes here. A trainer side whose ``kind`` is not
-#: "actor" picks from the entry of that kind ("external": a publisher outside the service).
+#: name -> class. A trainer side whose ``kind`` is not "actor" picks from the entry of that kind
+#: ("external": a publisher outside the service).
 TRANSPORTS: dict[str, type[Transport]] = {
     "gloo": WsyncWire,
     "nccl": WsyncWire,
     "vllm_native": VLLMNative,
     "external": External,
+    CUDA_IPC: CudaIpc,
 }
 
 
@@ -163,4 +227,5 @@ def choose(engine: EngineDetails, trainer: TrainerSide) -> Transport:
     if family is not None:
         sends = [n for n in ("gloo", "nccl") if family.usable(n, trainer, engine)]
     raise NoTransport(f"no transport in common: the engine receives on {engine.transports or 'nothing'}, "
-                      f"the {trainer.kind} trainer ({trainer.device}) sends on {sends or 'nothing'}")
+                      f"the trainer ({trainer.device}, GPU {trainer.gpu_uuid or '-'}; engine GPU "
+                      f"{engine.gpu_uuid or '-'}) sends on {sends or 'nothing'}")

@@ -50,12 +50,20 @@ from wsync.transfer.group import backend_for
 from wsync.transfer.meta import TensorMeta, dtype_name
 
 from .detect import VLLMApi, _vllm, check_packed, detect_generation, receive_plan, require_installed
+from .memory import check_gpu_memory
 from .payloads import (
-    count_of, dense_payload_bytes, dense_update_info, engine_kwargs, init_info, meta_row, sparse_payload_bytes,
+    count_of,
+    dense_payload_bytes,
+    dense_update_info,
+    engine_kwargs,
+    init_info,
+    meta_row,
+    sparse_payload_bytes,
     sparse_update_info,
 )
 
 NATIVE = "vllm_native"
+CUDA_IPC = "cuda_ipc"
 ROUTES = ("direct", "native")
 
 
@@ -163,14 +171,19 @@ class VLLMEngineCore:
         require_installed(self.api, "a vLLM engine")
         self.plan = receive_plan(self.api, extension_only=bool(opts.get("native_via_extension")))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if opts.get("v1_multiprocessing") else "0"
+        if device == "cuda":
+            check_gpu_memory(float(opts.get("gpu_memory_utilization", 0.5)), bool(opts.get("colocated")))
         kwargs = engine_kwargs(self.api, float(opts.get("gpu_memory_utilization", 0.5)),
                                bool(opts.get("enforce_eager", True)),
                                max_model_len=_default_max_len(model, opts.get("max_model_len")))
         self.llm = create_llm(model, **kwargs)
         self.route, self.route_note = wanted, None
+        unsupported = self._direct_unsupported() if (wanted == "direct" or device == "cuda") else None
         if wanted == "direct":
-            self.route_note = self._direct_unsupported()
+            self.route_note = unsupported
             self.route = "native" if self.route_note else "direct"
+        # CUDA IPC (a trainer on this GPU) goes through the worker's name-and-slice map, on either route
+        self.ipc_note = "not on CUDA" if device != "cuda" else unsupported
         self.transport: str | None = None  # the transport of the group joined, None outside one
         self.paused = False
         self._map_key: tuple | None = None
@@ -181,14 +194,17 @@ class VLLMEngineCore:
         extra = {"vllm_version": self.api.version, "generation": self.api.generation,
                  "weight_transfer_backend": self.api.sparse_backend, "route": self.route,
                  **({"receive": dict(self.plan)} if self.route == "native" else {}),
-                 **({"route_note": self.route_note} if self.route_note else {})}
+                 **({"route_note": self.route_note} if self.route_note else {}),
+                 **({"cuda_ipc_note": self.ipc_note} if self.ipc_note and self.device == "cuda" else {})}
         return EngineDetails(kind=self.kind, model=self.model_name, device=self.device,
                              num_tensors=len(self.param_metas()), transports=self.transports(),
                              gpu_uuid=gpu_uuid() if self.device == "cuda" else None, extra=extra)
 
     def transports(self) -> list[str]:
-        """What this engine receives on, best first: wsync's wire on the direct route, vLLM's otherwise."""
-        return [backend_for(self.device)] if self.route == "direct" else [NATIVE]
+        """What this engine receives on, best first: CUDA IPC (only usable from a trainer on this same
+        GPU, where NCCL cannot work), then wsync's wire on the direct route, vLLM's otherwise."""
+        base = [backend_for(self.device)] if self.route == "direct" else [NATIVE]
+        return ([CUDA_IPC] if self.ipc_note is None else []) + base
 
     def generate(self, prompts: list[str], max_new_tokens: int = 1) -> list[dict]:
         llm = self._require_llm()
@@ -260,7 +276,12 @@ class VLLMEngineCore:
             raise VLLMEngineError("rank 0 is the trainer; a vLLM engine joins at rank >= 1")
         if self.transport is not None:
             self.leave_group()
-        if transport == NATIVE:
+        if transport == CUDA_IPC:
+            export = (rendezvous.get("exports") or {}).get(str(rank))
+            if export is None:
+                raise VLLMEngineError(f"cuda_ipc rendezvous carries no export for rank {rank}")
+            llm.collective_rpc("wsync_ipc_map", args=(export,))  # raises IpcDeviceError from another GPU
+        elif transport == NATIVE:
             llm.init_weight_transfer_engine({"init_info": init_info(
                 rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), rank_offset=int(rank))})
         else:
@@ -271,7 +292,9 @@ class VLLMEngineCore:
         llm, transport, self.transport = self.llm, self.transport, None
         if llm is None or transport is None:
             return
-        if transport == NATIVE:
+        if transport == CUDA_IPC:
+            llm.collective_rpc("wsync_ipc_unmap")
+        elif transport == NATIVE:
             if hasattr(llm, "shutdown_weight_transfer_engine"):  # 0.32+
                 llm.shutdown_weight_transfer_engine()
             llm.collective_rpc("wsync_close_group")
@@ -282,11 +305,13 @@ class VLLMEngineCore:
         """Direct route, before the trainer sends anything: build (or keep) the worker's map for this
         layout, so a model the map cannot serve fails here and never leaves the trainer mid-broadcast.
         A no-op on the native route."""
-        if self.route == "direct":
+        if self.route == "direct" and self.transport != CUDA_IPC:
             self._ensure_map(update.metas, int(update.bucket_bytes))
 
     def recv_dense(self, update: DenseUpdate) -> ReceiveReport:
         llm, metas = self._require_group(), list(update.metas)
+        if self.transport == CUDA_IPC:
+            return self._recv_dense_ipc(llm, update)
         if self.transport != NATIVE:
             self._ensure_map(metas, int(update.bucket_bytes))
             t0 = time.perf_counter()
@@ -300,6 +325,8 @@ class VLLMEngineCore:
     def recv_sparse(self, update: SparseUpdate) -> ReceiveReport:
         llm, metas = self._require_group(), list(update.metas)
         nbytes, elements = sparse_payload_bytes(metas), sum(count_of(m) for m in metas)
+        if self.transport == CUDA_IPC:
+            return self._recv_sparse_ipc(llm, update, nbytes)
         if self.transport != NATIVE:
             if self._map_key is None:
                 raise VLLMEngineError("no param map yet: call prepare_sync first")
@@ -313,6 +340,28 @@ class VLLMEngineCore:
         t0 = time.perf_counter()
         native_recv_sparse(self.api, llm, metas, self.plan)
         return self._report(t0, nbytes, elements=elements, receive=self.plan["sparse"])
+
+    # ---- cuda_ipc (engines/vllm/ipc.py on the worker) -------------------------------------
+    def _recv_dense_ipc(self, llm, update: DenseUpdate) -> ReceiveReport:
+        ipc = update.ipc
+        if ipc is None:
+            raise VLLMEngineError("a cuda_ipc dense sync needs the update's ipc field (the trainer's export id)")
+        t0 = time.perf_counter()
+        if ipc.export is not None:  # the trainer re-exported (new layout or buffers): map it before copying
+            llm.collective_rpc("wsync_ipc_map", args=(ipc.export,))
+        got = llm.collective_rpc("wsync_ipc_dense", args=(ipc.export_id,))[0]
+        return self._report(t0, int(got["bytes"]), messages=int(got.get("copies", 0)),
+                            copy_ms=float(got.get("copy_ms", 0.0)))
+
+    def _recv_sparse_ipc(self, llm, update: SparseUpdate, nbytes: int) -> ReceiveReport:
+        ipc = update.ipc
+        if ipc is None:
+            raise VLLMEngineError("a cuda_ipc sparse sync needs the update's ipc field (the staging id)")
+        t0 = time.perf_counter()
+        if ipc.staging is not None:
+            llm.collective_rpc("wsync_ipc_map_staging", args=(ipc.staging,))
+        got = llm.collective_rpc("wsync_ipc_sparse", args=(ipc.staging_id, [_as_dict(m) for m in update.metas]))[0]
+        return self._report(t0, nbytes, elements=int(got.get("elements", 0)), apply_ms=float(got.get("ms", 0.0)))
 
     # ---- helpers ------------------------------------------------------------------------
     def _require_llm(self):
