@@ -33,6 +33,8 @@ class Settings(BaseSettings):
                                  "for bit-exact delta syncs (each costs one copy of the weights; 0 disables).")
     torch_threads: int = Field(default=1, ge=1, description="torch threads inside CPU actors.")
     max_page: int = 200
+    request_wait_s: float = Field(default=30.0, ge=0, description="How long a `wait=true` launch or load holds the "
+                                  "request before answering 202 with its job (keep it under clients' timeouts).")
     api_token: str | None = Field(default=None, description="Bearer token required on mutating routes (and reads "
                                   "when api_token_reads); `wsync serve` needs one to bind a non-loopback host.")
     api_token_reads: bool = Field(default=False, description="Require the token on read-only routes too.")

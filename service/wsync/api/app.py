@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         if lost:
             log.warning("marked %d unfinished job(s) from a previous run as failed", lost)
         runner = JobRunner(events.observe(app, store))  # job writes publish on app.state.events
-        fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings))
+        fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings),
+                      observer=app.state.events)  # engine.state / trainer.version on the bus
         if start_fleet:
             fleet.start()
         app.state.wsync = ServiceState(settings, store, runner, fleet)
