@@ -16,8 +16,8 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, sync,
-               trainer)
+from . import (auth, comparisons, dashboard, engines, errors, events, health, idempotency, jobs, metrics, patches,
+               results, sync, trainer)
 
 log = logging.getLogger("wsync")
 
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
 
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
+    idempotency.install(app)  # first: it runs inside the request id and the auth guard
     errors.install(app)
     auth.install(app, settings)  # before any router: guards every route
     metrics.install(app, events.install(app))
