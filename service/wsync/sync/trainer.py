@@ -65,6 +65,23 @@ class Trainer:
         self.require()
         return self._loaded(self.caller.get(self._actor().call("reset"), "trainer reset"))
 
+    def stash(self) -> TrainerRecord:
+        """Set the trainer's state aside (in the actor) and continue on a fresh load; returns the
+        record to give back to ``unstash``. wsync.sync.comparison runs between the two."""
+        self.require()
+        saved = TrainerRecord(info=self.record.info.model_copy(), params=list(self.record.params),
+                              snapshots=list(self.record.snapshots), held=self.record.held.copy())
+        self._loaded(self.caller.get(self._actor().call("stash"), "trainer stash"))
+        self.record.snapshots = []
+        return saved
+
+    def unstash(self, saved: TrainerRecord) -> TrainerInfo:
+        """The stashed state back, as it was (weights, version, held patches, delta snapshots)."""
+        self.caller.get(self._actor().call("unstash"), "trainer unstash")
+        self.record = saved
+        self._version_changed()
+        return self.record.info
+
     def require(self) -> None:
         if not self.record.info.loaded:
             raise Conflict("the trainer has no model loaded: POST /v1/trainer/load first", field="trainer")
