@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -372,18 +373,57 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     return final
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or "\\" in name
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def resolve_model(name: str | None, cache_dir: Path | None = None) -> str:
-    """Map a model name to what transformers/vLLM should load.
+    """Map a model name to what transformers/vLLM should load, locally first; bad names fail fast.
 
     ``None``, ``""``, ``"wsync-tiny"`` or ``"default"``: the embedded model's folder (built on first use).
-    An existing local folder: its absolute path. Anything else: returned unchanged (a hub id).
+    An existing local folder: its absolute path, if it holds a ``config.json``. A hub id (``org/name``)
+    that is no local folder: returned unchanged; with ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)
+    set it must be in the local hub cache. Anything else raises ``InvalidInput`` (field ``model``)
+    without contacting a hub: a path that does not exist ("not found"), a folder without config.json
+    ("not a model folder"), a name that cannot be a hub id, an uncached hub id offline.
     """
+    from wsync.errors import InvalidInput
+
     if name is None or not name.strip() or name in DEFAULT_MODEL_ALIASES:
         return str(ensure_default_model(cache_dir))
     local = Path(name).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise InvalidInput(f"model {name!r} is not a model folder (no config.json in {local.absolute()})",
+                               field="model", rule="model_folder")
         return str(local.absolute())
+    if local.exists() or _looks_like_path(name) or not _HUB_ID.match(name):
+        what = "is a file, not a model folder (no config.json)" if local.exists() else "not found: no such local folder"
+        if not local.exists() and not _looks_like_path(name):
+            what += " and not a valid hub id"
+        raise InvalidInput(f"model {name!r} {what}", field="model", rule="model_exists")
+    if _offline() and not _hub_cached(name):
+        raise InvalidInput(f"model {name!r} not found offline: no local folder of that name and not in the "
+                           "hub cache (HF_HUB_OFFLINE is set)", field="model", rule="model_exists")
     return name
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub cache holds this repo's config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
 
 
 def main(argv: list[str] | None = None) -> int:
