@@ -16,8 +16,8 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import (auth, comparisons, dashboard, engines, errors, events, health, idempotency, jobs, metrics, patches,
-               results, sync, trainer)
+from . import (auth, comparisons, dashboard, engines, errors, events, health, idempotency, jobs, metrics, openapi,
+               patches, results, sync, trainer)
 
 log = logging.getLogger("wsync")
 
@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
             store.close()
 
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
+                  description="Weight-sync control plane: trainer -> inference engines, dense or sparse.",
+                  generate_unique_id_function=openapi.route_id)
     idempotency.install(app)  # first: it runs inside the request id and the auth guard
     errors.install(app)
     auth.install(app, settings)  # before any router: guards every route
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
     dashboard.install(app)  # / and /docs from local assets
     for module in (health, engines, trainer, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
+    openapi.install(app)  # last: wraps the spec the others built
     return app
 
 

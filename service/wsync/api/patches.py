@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 
 @router.post("", response_model=PatchInfo, status_code=status.HTTP_201_CREATED,
              summary="Prepare a patch: apply it to the trainer's weights and keep it for sparse syncs")
-def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
+def prepare_patch(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
     fleet.trainer.require()
     tensors = inline_patches(req.patches, fleet.trainer.spec_dicts()) if req.kind == PatchKind.inline else None
     with fleet.holding(trainer_lock()):
