@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -46,7 +48,8 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings),
                       observer=app.state.events)  # engine.state / trainer.version on the bus
         if start_fleet:
-            fleet.start()
+            with _keep_signal_handlers():  # Ray's init installs its own SIGTERM handler: keep uvicorn's
+                fleet.start()
         app.state.wsync = ServiceState(settings, store, runner, fleet)
         try:
             yield
@@ -67,6 +70,22 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         app.include_router(module.router)
     openapi.install(app)  # last: wraps the spec the others built
     return app
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Restore SIGTERM/SIGINT handlers after the body (uvicorn's graceful shutdown, not a stack dump
+    from whatever handler ray.init installed). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _ray_actors(settings: Settings) -> Actors:
