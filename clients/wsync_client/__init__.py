@@ -13,7 +13,7 @@ from wsync import __version__
 from ._client import AsyncClient, Client
 from ._core import DEFAULT_BASE_URL, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from ._events import ServerEvent
-from ._resources import report_of
+from ._resources import report_of, typed_result
 from .local import LocalServer, ServerStartError
 from .errors import (
     APIConnectionError,
@@ -36,7 +36,7 @@ from .errors import (
 
 __all__ = [
     "__version__", "Client", "AsyncClient", "DEFAULT_BASE_URL", "DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT",
-    "report_of", "ServerEvent", "LocalServer", "ServerStartError", "WsyncError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
+    "report_of", "typed_result", "ServerEvent", "LocalServer", "ServerStartError", "WsyncError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
     "NotFoundError", "AuthenticationError", "PermissionDeniedError", "ConflictError", "UnprocessableEntityError", "RateLimitError", "InternalServerError",
     "APIResponseValidationError", "InvalidRequestError", "JobFailedError", "JobTimeoutError",
 ]

@@ -14,7 +14,7 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timezone
 from typing import Any, Callable, Generator, Mapping, TypeVar, Union
 from urllib.parse import quote
@@ -50,6 +50,7 @@ RETRY_STATUSES_UNSAFE = frozenset({429, 503})
 #: Transport errors raised before the request left the client (safe to retry any request).
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 USER_AGENT = f"wsync-client/{__version__}"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,17 @@ class APICall:
     idempotent: bool | None = None  #: default: everything but POST
     max_retries: int | None = None  #: override the client's max_retries for this call
     accept: frozenset[int] = field(default_factory=frozenset)  #: extra statuses parsed as success
+    #: POST: the Idempotency-Key sent with every attempt (default: a fresh one per call, so a retried
+    #: POST is done once by the server and is as safe to retry as a GET)
+    idempotency_key: str | None = None
+    #: a 202 answer is parsed as the JobInfo of a long operation (launch, load) instead of ``cast``
+    job_on_202: bool = False
 
     @property
     def is_idempotent(self) -> bool:
-        return self.idempotent if self.idempotent is not None else self.method.upper() != "POST"
+        if self.idempotent is not None:
+            return self.idempotent
+        return self.method.upper() != "POST" or self.idempotency_key is not None
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,8 @@ class BaseClient:
 
     def _build_request(self, call: APICall, request_id: str, attempt: int) -> httpx.Request:
         headers = {**self.headers, "X-Request-ID": request_id}
+        if call.idempotency_key is not None:
+            headers[IDEMPOTENCY_HEADER] = call.idempotency_key
         if attempt:
             headers["X-Retry-Count"] = str(attempt)
         params = {k: getattr(v, "value", v) for k, v in (call.params or {}).items() if v is not None}
@@ -208,6 +218,8 @@ class BaseClient:
     def _request_plan(self, call: APICall) -> Plan[Any]:
         """One call with retries. The X-Request-ID stays the same across attempts (X-Retry-Count grows)."""
         request_id = str(uuid.uuid4())
+        if call.method.upper() == "POST" and call.idempotency_key is None:
+            call = replace(call, idempotency_key=f"wsync-retry-{uuid.uuid4()}")  # one key, every attempt
         max_retries = self.max_retries if call.max_retries is None else call.max_retries
         attempt = 0
         while True:
@@ -221,6 +233,8 @@ class BaseClient:
                 error.__cause__ = exc
                 retry = should_retry(call, error=exc)
             else:
+                if response.status_code == 202 and call.job_on_202:
+                    return self._parse(replace(call, cast=JobInfo), response)
                 if response.is_success or response.status_code in call.accept:
                     return self._parse(call, response)
                 error = status_error_from_response(response)

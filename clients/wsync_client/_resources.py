@@ -22,6 +22,7 @@ from wsync.schemas import (
     PatchPrepare,
     ResultInfo,
     SyncDense,
+    SyncReport,
     SyncSparse,
     TrainerInfo,
     TrainerLoad,
@@ -31,7 +32,7 @@ from wsync.schemas import (
 
 from ._core import APICall, Plan, build_body, path_param
 from ._events import ServerEvent, events_call
-from .errors import APIResponseValidationError
+from .errors import APIResponseValidationError, JobFailedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._core import BaseClient
@@ -54,10 +55,32 @@ class _Resource:
 
 class Engines(_Resource):
     def launch(self, kind: str = "reference", model: str | None = None, name: str | None = None,
-               wait: bool = True, **opts: Any) -> EngineInfo:
-        """POST /v1/engines. `opts`: other EngineLaunch fields (gpu_memory_utilization, enforce_eager)."""
+               wait: bool = True, *, timeout: float | None = None, poll_interval: float = 0.5,
+               on_poll: Callable[[JobInfo], None] | None = None, **opts: Any) -> EngineInfo:
+        """POST /v1/engines. `opts`: other EngineLaunch fields (dtype, gpu_memory_utilization, ...).
+
+        The server answers the engine when it is ready within its wait bound, else 202 with the launch
+        job: then this waits for the job (`on_poll` sees each poll: progress; `timeout` seconds, None =
+        forever) and returns the engine, ready or failed (with its error). With ``wait=False``: the
+        engine as listed now (``starting``). On AsyncClient: an awaitable."""
         body = build_body(EngineLaunch, kind=kind, model=model, name=name, wait=wait, **opts)
-        return self._request("POST", "/v1/engines", body=body, cast=EngineInfo)
+        return self._client._drive(self._launch_plan(body, wait, timeout, poll_interval, on_poll))
+
+    def _launch_plan(self, body: dict, wait: bool, timeout: float | None, poll_interval: float,
+                     on_poll: Callable[[JobInfo], None] | None) -> Plan[EngineInfo]:
+        c = self._client
+        out = yield from c._request_plan(APICall("POST", "/v1/engines", body=body, cast=EngineInfo, job_on_202=True))
+        if isinstance(out, EngineInfo):
+            return out
+        if on_poll is not None:
+            on_poll(out)
+        engine_id = path_param(str(out.request.get("engine_id") or ""))
+        if wait:
+            try:
+                yield from c._wait_plan(out.id, timeout, poll_interval, on_poll)
+            except JobFailedError:
+                pass  # the engine says why (state failed, error)
+        return (yield from c._request_plan(APICall("GET", f"/v1/engines/{engine_id}", cast=EngineInfo)))
 
     def list(self, limit: int | None = None, offset: int | None = None) -> Page[EngineInfo]:
         return self._request("GET", "/v1/engines", params={"limit": limit, "offset": offset}, cast=Page[EngineInfo])
@@ -80,9 +103,25 @@ class Trainer(_Resource):
     def get(self) -> TrainerInfo:
         return self._request("GET", "/v1/trainer", cast=TrainerInfo)
 
-    def load(self, model: str | None = None, dtype: str = "bfloat16") -> TrainerInfo:
+    def load(self, model: str | None = None, dtype: str = "bfloat16", *, timeout: float | None = None,
+             poll_interval: float = 0.5, on_poll: Callable[[JobInfo], None] | None = None) -> TrainerInfo:
+        """POST /v1/trainer/load. The server answers the trainer when loaded within its wait bound, else
+        202 with the load job: then this waits for it (JobFailedError if the load fails, JobTimeoutError
+        after `timeout`) and returns the trainer. On AsyncClient: an awaitable."""
         body = build_body(TrainerLoad, model=model, dtype=dtype)
-        return self._request("POST", "/v1/trainer/load", body=body, cast=TrainerInfo)
+        return self._client._drive(self._load_plan(body, timeout, poll_interval, on_poll))
+
+    def _load_plan(self, body: dict, timeout: float | None, poll_interval: float,
+                   on_poll: Callable[[JobInfo], None] | None) -> Plan[TrainerInfo]:
+        c = self._client
+        out = yield from c._request_plan(APICall("POST", "/v1/trainer/load", body=body, cast=TrainerInfo,
+                                                 job_on_202=True))
+        if isinstance(out, TrainerInfo):
+            return out
+        if on_poll is not None:
+            on_poll(out)
+        job = yield from c._wait_plan(out.id, timeout, poll_interval, on_poll)
+        return typed_result(job)
 
     def reset(self) -> TrainerInfo:
         return self._request("POST", "/v1/trainer/reset", cast=TrainerInfo)
@@ -166,6 +205,15 @@ class Jobs(_Resource):
         `on_poll(job)` is called with every JobInfo fetched (progress display)."""
         return self._client._drive(self._client._wait_plan(job_id, timeout, poll_interval, on_poll))
 
+    def result(self, job_id: str) -> Any:
+        """The job's result typed by its kind (SyncReport, ComparisonReport, EngineInfo, TrainerInfo;
+        None until it has one). On AsyncClient: an awaitable."""
+        return self._client._drive(self._result_plan(job_id))
+
+    def _result_plan(self, job_id: str) -> Plan[Any]:
+        job = yield from self._client._request_plan(APICall("GET", f"/v1/jobs/{path_param(job_id)}", cast=JobInfo))
+        return typed_result(job)
+
     def follow(self, job_id: str, timeout: float | None = None,
                on_event: Callable[[ServerEvent], None] | None = None) -> JobInfo:
         """Like `wait`, driven by the job's event stream (GET /v1/jobs/{id}/events): `on_event` sees
@@ -191,6 +239,26 @@ class Results(_Resource):
 
     def get(self, result_id: str) -> ResultInfo:
         return self._request("GET", f"/v1/results/{path_param(result_id)}", cast=ResultInfo)
+
+
+#: What a succeeded job's result is, by job kind.
+RESULT_TYPES: dict[str, Any] = {"sync_dense": SyncReport, "sync_sparse": SyncReport, "comparison": ComparisonReport,
+                                "engine_launch": EngineInfo, "trainer_load": TrainerInfo}
+
+
+def typed_result(job: JobInfo) -> Any:
+    """A job's result parsed by its kind (SyncReport, ComparisonReport, EngineInfo, TrainerInfo);
+    None while the job has none; the raw dict for a kind this SDK does not know."""
+    if job.result is None:
+        return None
+    kind = getattr(job.kind, "value", job.kind)
+    cls = RESULT_TYPES.get(kind)
+    if cls is None:
+        return job.result
+    try:
+        return cls.model_validate(job.result)
+    except Exception as exc:  # pydantic.ValidationError
+        raise APIResponseValidationError(f"job {job.id}: result is not a {cls.__name__}: {exc}") from None
 
 
 def report_of(job: JobInfo) -> ComparisonReport:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ class LocalServer:
         self.url = f"http://{host}:{self.port}"
         self.ready_timeout = ready_timeout
         self.dir = Path(tempfile.mkdtemp(prefix="wsync-server-"))
+        self._own_dir = True  # stop() removes it once the server is gone
         self.log_path = Path(log_path) if log_path is not None else self.dir / "server.log"
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("WSYNC_DATABASE_URL", f"sqlite:///{self.dir / 'wsync.db'}")
@@ -93,7 +95,9 @@ class LocalServer:
                 time.sleep(0.5)
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM, then after `grace_s` SIGKILL to its session (the server and whatever it spawned)."""
+        """SIGTERM, then after `grace_s` SIGKILL to its session (the server and whatever it spawned);
+        then remove the temp dir (private DB, log unless `log_path` put it elsewhere): read `log_tail()`
+        before stopping if you need it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -107,6 +111,8 @@ class LocalServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._own_dir and self.proc is not None and self.proc.poll() is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # its DB and log (a log_path given elsewhere stays)
 
     def __enter__(self) -> "LocalServer":
         self.start()

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                                      "long without a heartbeat, publish or done (its running publish fails).")
     publish_done_timeout_s: float = Field(default=600.0, gt=0, description="How long a publish job waits for the "
                                           "engines' receives and the publisher's done before it fails.")
+    request_wait_s: float = Field(default=30.0, ge=0, description="How long a `wait=true` launch or load holds the "
+                                  "request before answering 202 with its job (keep it under clients' timeouts).")
     api_token: str | None = Field(default=None, description="Bearer token required on mutating routes (and reads "
                                   "when api_token_reads); `wsync serve` needs one to bind a non-loopback host.")
     api_token_reads: bool = Field(default=False, description="Require the token on read-only routes too.")

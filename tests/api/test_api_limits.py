@@ -77,11 +77,15 @@ def test_empty_text_is_a_422_naming_the_field(client, path, body, field):
 
 
 def test_a_random_patch_over_max_patch_elements_is_422(client):
-    fleet = client.app.state.wsync.fleet
-    fleet.trainer_info = {"loaded": True, "params": [{"name": "w", "shape": [64, 64], "dtype": "float32"}]}
+    from wsync.schemas import TrainerInfo
+    from wsync.sync.records import TrainerRecord
+    from wsync.transfer.meta import TensorMeta
+
+    trainer = client.app.state.wsync.fleet.trainer  # a loaded trainer of one 64x64 tensor, as the checks see it
+    trainer.record = TrainerRecord(info=TrainerInfo(loaded=True), params=[TensorMeta("w", "float32", [64, 64])])
     try:
         r = client.post("/v1/patches", json={"kind": "random", "density": 0.01})
-        assert r.status_code == 422 and r.json()["error"]["field"] == "density"
+        assert r.status_code == 422 and r.json()["error"]["field"] == "density", r.text
         assert "max_patch_elements=8" in r.json()["error"]["message"]
     finally:
-        fleet.trainer_info = {"loaded": False}
+        trainer.record = TrainerRecord()

@@ -54,6 +54,15 @@ class FakeTrainer:
     def reset(self) -> TrainerInfo:
         return self.load(self.model or "fake")
 
+    def stash(self) -> TrainerInfo:
+        self._stash = (self.model, self.params, self.version, dict(self.patches), self.snapshots)
+        self.patches, self.snapshots = {}, {}
+        return self.load(self.model or "fake")
+
+    def unstash(self) -> TrainerInfo:
+        self.model, self.params, self.version, self.patches, self.snapshots = self._stash
+        return self.info()
+
     def info(self) -> TrainerInfo:
         if self.model is None:
             return TrainerInfo(loaded=False)

@@ -238,13 +238,25 @@ def test_get_retries_with_backoff_until_max_retries():
         assert 0.75 * base <= s <= base
 
 
-@pytest.mark.parametrize("status", [500, 502, 504])
-def test_post_not_retried_on_server_errors(status):
-    rec = Recorder(err(status))
+def test_post_not_retried_on_500():
+    rec = Recorder(err(500))
     c, sleeps = sync_client(rec)
     with pytest.raises(InternalServerError):
         c.sync.dense(["e-1"])
     assert len(rec.requests) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_post_retried_on_gateway_errors_with_one_idempotency_key(status):
+    """openai-python style: every POST carries an Idempotency-Key, the same on every attempt, so the
+    server does a retried request once and the SDK may retry it like a GET."""
+    rec = Recorder(err(status), httpx.Response(202, json=job()))
+    c, sleeps = sync_client(rec)
+    assert c.sync.dense(["e-1"]).id == "j-1"
+    keys = [r.headers.get("idempotency-key") for r in rec.requests]
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1] and len(sleeps) == 1
+    c.sync.dense(["e-1"])
+    assert rec.requests[-1].headers["idempotency-key"] != keys[0]  # a new call, a new key
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -255,7 +267,7 @@ def test_post_retried_on_429_and_503(status):
     assert len(rec.requests) == 2 and len(sleeps) == 1
 
 
-def test_post_retried_on_connect_error_but_not_read_timeout():
+def test_post_retried_on_connect_error_and_read_timeout():
     rec = Recorder(httpx.ConnectError("refused"), httpx.Response(202, json=job()))
     c, _ = sync_client(rec)
     assert c.comparisons.create().id == "j-1"
@@ -264,7 +276,13 @@ def test_post_retried_on_connect_error_but_not_read_timeout():
     c, _ = sync_client(rec)
     with pytest.raises(APITimeoutError):
         c.comparisons.create()
-    assert len(rec.requests) == 1
+    # a read timeout is retried too: the Idempotency-Key makes the server do it once
+    assert len(rec.requests) == 4 and len({r.headers["idempotency-key"] for r in rec.requests}) == 1
+    rec = Recorder(httpx.ReadTimeout("slow"))
+    c, _ = sync_client(rec)
+    with pytest.raises(APITimeoutError):
+        c.patches.prepare()
+    assert len(rec.requests) == 4
 
 
 def test_get_retried_on_network_errors_then_raises():
@@ -373,3 +391,35 @@ def test_async_wait_success_failure_timeout():
         assert sleeps == [0.5] * 4 and len(rec.requests) == 5 and ei.value.job.state == JobState.queued
 
     asyncio.run(go())
+
+
+def test_launch_202_waits_for_the_job_and_returns_the_engine():
+    launch_job = job(kind="engine_launch", request={"engine_id": "e-9"})
+    rec = Recorder(httpx.Response(202, json=launch_job),
+                   httpx.Response(200, json=job("running", kind="engine_launch", request={"engine_id": "e-9"})),
+                   httpx.Response(200, json=job("succeeded", kind="engine_launch", request={"engine_id": "e-9"},
+                                                result=engine("e-9"))),
+                   httpx.Response(200, json=engine("e-9")))
+    c, sleeps = sync_client(rec)
+    polled = []
+    out = c.engines.launch(on_poll=polled.append)
+    assert out.id == "e-9" and out.state.value == "ready"
+    assert [p.state.value for p in polled] == ["queued", "running", "succeeded"]
+    assert [r.url.path for r in rec.requests] == ["/v1/engines", "/v1/jobs/j-1", "/v1/jobs/j-1", "/v1/engines/e-9"]
+
+
+def test_load_202_returns_the_typed_trainer_and_job_results_are_typed():
+    from wsync_client import typed_result
+
+    info = {"loaded": True, "model": "m", "dtype": "float32", "version": "base:m"}
+    rec = Recorder(httpx.Response(202, json=job(kind="trainer_load")),
+                   httpx.Response(200, json=job("succeeded", kind="trainer_load", result=info)))
+    c, _ = sync_client(rec)
+    out = c.trainer.load()
+    assert out.loaded is True and out.dtype == "float32"
+    from wsync.schemas import JobInfo, SyncReport
+
+    sync = JobInfo.model_validate(job("succeeded", result={"mode": "dense", "engine_ids": ["e-1"], "payload_bytes": 1,
+                                                           "wire_bytes": 1, "send_ms": 1.0, "total_ms": 2.0,
+                                                           "tensors": 1, "version": "v"}))
+    assert isinstance(typed_result(sync), SyncReport)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsync.errors import InvalidInput
 from wsync.models import tiny
 from wsync.models.tiny import (
     DEFAULT_MODEL_DIRNAME,
@@ -229,12 +230,14 @@ def test_resolve_model_default_and_aliases(tmp_path, monkeypatch):
 def test_resolve_model_local_folder_and_hub_id(tmp_path, monkeypatch):
     folder = tmp_path / "mymodel"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert resolve_model("mymodel") == str(folder.absolute())
     assert resolve_model(str(folder)) == str(folder.absolute())
     assert resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     (tmp_path / "afile").write_text("x")
-    assert resolve_model("afile") == "afile"  # a file is not a model folder
+    with pytest.raises(InvalidInput, match="not a model folder"):  # a file is not a model folder
+        resolve_model("afile")
 
 
 def test_ensure_default_model_concurrent_processes(tmp_path, tiny_dir):

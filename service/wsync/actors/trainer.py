@@ -74,6 +74,30 @@ class TrainerCore(TrainerIpcMixin):
         self._require_model()
         return self.load(self.model_name, self.dtype)
 
+    # ---- stash: a comparison runs on its own state and gives the user's back ------------------
+    _STASHED = ("model_name", "dtype", "lm", "tokenizer", "params", "version", "patches", "patch_targets",
+                "optimizer", "synced")
+
+    def stash(self) -> TrainerInfo:
+        """Put the whole trainer state aside (model, weights, version, held patches, optimizer, delta
+        snapshots) and continue on a fresh load of the same model. References, not copies: the fresh
+        load builds new tensors, so the stashed ones stay exactly as they were (the cost is the memory
+        of a second model until ``unstash``)."""
+        self._require_model()
+        self._stash = {k: getattr(self, k) for k in self._STASHED}
+        self.patches, self.patch_targets, self.synced = {}, {}, Snapshot()
+        return self.load(self.model_name, self.dtype)
+
+    def unstash(self) -> TrainerInfo:
+        """Back to the stashed state, bit for bit; what ran since (patches, snapshots) is dropped."""
+        saved = getattr(self, "_stash", None)
+        if saved is None:
+            raise TrainerError("nothing stashed")
+        for key, value in saved.items():
+            setattr(self, key, value)
+        self._stash = None
+        return self.info()
+
     def info(self) -> TrainerInfo:
         if self.lm is None:
             return TrainerInfo(loaded=False)

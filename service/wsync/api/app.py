@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -17,8 +19,8 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import (auth, comparisons, dashboard, engines, errors, events, health, jobs, metrics, patches, results, rollouts,
-               sync, trainer, trainers)
+from . import (auth, comparisons, dashboard, engines, errors, events, health, idempotency, jobs, metrics, openapi,
+               patches, results, rollouts, sync, trainer, trainers)
 from .limits import BodySizeLimit
 
 log = logging.getLogger("wsync")
@@ -51,9 +53,11 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
         if lost:
             log.warning("marked %d unfinished job(s) from a previous run as interrupted", lost)
         runner = JobRunner(events.observe(app, store))  # job writes publish on app.state.events
-        fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings))
+        fleet = Fleet(settings, store, runner.locks, (actors or _ray_actors)(settings),
+                      observer=app.state.events)  # engine.state / trainer.version on the bus
         if start_fleet:
-            fleet.start()
+            with _keep_signal_handlers():  # Ray's init installs its own SIGTERM handler: keep uvicorn's
+                fleet.start()
         app.state.wsync = ServiceState(settings, store, runner, fleet)
         try:
             yield
@@ -64,7 +68,9 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
             store.close()
 
     app = FastAPI(title="wsync", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Weight-sync control plane: trainer -> inference engines, dense or sparse.")
+                  description="Weight-sync control plane: trainer -> inference engines, dense or sparse.",
+                  generate_unique_id_function=openapi.route_id)
+    idempotency.install(app)  # first: it runs inside the request id and the auth guard
     errors.install(app)
     auth.install(app, settings)  # before any router: guards every route
     metrics.install(app, events.install(app))
@@ -72,7 +78,24 @@ def create_app(settings: Settings | None = None, *, start_fleet: bool = True,
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)  # outermost: refuses before parsing
     for module in (health, engines, rollouts, trainer, trainers, patches, sync, comparisons, jobs, results):
         app.include_router(module.router)
+    openapi.install(app)  # last: wraps the spec the others built
     return app
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Restore SIGTERM/SIGINT handlers after the body (uvicorn's graceful shutdown, not a stack dump
+    from whatever handler ray.init installed). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _ray_actors(settings: Settings) -> Actors:

@@ -27,7 +27,7 @@ def get_job(job_id: str, store: StoreDep) -> JobInfo:
 
 @router.post("/{job_id}/cancel", response_model=JobInfo,
              summary="Cancel: a queued job ends now, a running one at its next safe point")
-def cancel(job_id: str, runner: RunnerDep) -> JobInfo:
+def cancel_job(job_id: str, runner: RunnerDep) -> JobInfo:
     job = runner.cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", field="job_id")

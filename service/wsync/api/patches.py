@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/patches", tags=["patches"])
 
 @router.post("", response_model=PatchInfo, status_code=status.HTTP_201_CREATED,
              summary="Prepare a patch: apply it to the trainer's weights and keep it for sparse syncs")
-def prepare(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
+def prepare_patch(req: PatchPrepare, fleet: FleetDep) -> PatchInfo:
     check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     fleet.trainer.require()
     if req.kind == PatchKind.random:

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 @router.post("/{engine_id}/sample", response_model=SampleResponse,
              summary="Sample n completions per prompt with per-token logprobs (RL rollouts), version-stamped")
-def sample(engine_id: str, req: SampleRequest, fleet: FleetDep) -> SampleResponse:
+def sample_on_engine(engine_id: str, req: SampleRequest, fleet: FleetDep) -> SampleResponse:
     fleet.get_engine(engine_id)
     with fleet.holding(engine_lock(engine_id)):
         version, samples = fleet.sample(engine_id, req.prompts, req.n, req.max_new_tokens, req.temperature,

@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/trainers", tags=["trainers"])
 
 @router.post("", response_model=TrainerSlot, status_code=status.HTTP_201_CREATED,
              summary="Register your training process as a trainer (its tensors are checked against the engines)")
-def register(req: TrainerRegister, fleet: FleetDep) -> TrainerSlot:
+def register_trainer(req: TrainerRegister, fleet: FleetDep) -> TrainerSlot:
     ready = [r for r in fleet.engines.values() if r.info.state in (EngineState.ready, EngineState.busy)]
     one_per_model = list({r.info.model: r for r in ready}.values())
     return fleet.publishers.register(req, one_per_model).info()
@@ -41,27 +41,27 @@ def list_trainers(fleet: FleetDep) -> list[TrainerSlot]:
 
 
 @router.get("/{trainer_id}", response_model=TrainerSlot, summary="One external trainer")
-def get_trainer(trainer_id: str, fleet: FleetDep) -> TrainerSlot:
+def get_external_trainer(trainer_id: str, fleet: FleetDep) -> TrainerSlot:
     return fleet.publishers.get(trainer_id).info()
 
 
 @router.post("/{trainer_id}/heartbeat", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
              summary="Renew the slot's lease")
-def heartbeat(trainer_id: str, fleet: FleetDep) -> Response:
+def heartbeat_trainer(trainer_id: str, fleet: FleetDep) -> Response:
     fleet.publishers.heartbeat(trainer_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.delete("/{trainer_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                summary="Free the slot (a publish still running fails)")
-def delete(trainer_id: str, fleet: FleetDep) -> Response:
+def delete_trainer(trainer_id: str, fleet: FleetDep) -> Response:
     fleet.publishers.delete(trainer_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{trainer_id}/publish", response_model=PublishAccepted, status_code=status.HTTP_202_ACCEPTED,
              summary="Publish: the engines join your rendezvous as ranks 1..N and receive what you send (a job)")
-def publish(trainer_id: str, req: PublishRequest, fleet: FleetDep, runner: RunnerDep) -> PublishAccepted:
+def publish_weights(trainer_id: str, req: PublishRequest, fleet: FleetDep, runner: RunnerDep) -> PublishAccepted:
     slot = fleet.publishers.heartbeat(trainer_id)
     recs = fleet.ready_engines(req.engine_ids)
     plan, mode, fallback, transports = plan_publish(fleet.publishers, slot, req, recs)
@@ -89,7 +89,7 @@ def publish(trainer_id: str, req: PublishRequest, fleet: FleetDep, runner: Runne
 
 @router.post("/{trainer_id}/publish/{job_id}/done", status_code=status.HTTP_204_NO_CONTENT,
              response_class=Response, summary="Report the end of your send (stats + fingerprints, or error)")
-def done(trainer_id: str, job_id: str, body: PublishDone, fleet: FleetDep) -> Response:
+def publish_done(trainer_id: str, job_id: str, body: PublishDone, fleet: FleetDep) -> Response:
     slot = fleet.publishers.heartbeat(trainer_id)
     order = slot.publishes.get(job_id)
     if order is None:

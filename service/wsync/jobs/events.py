@@ -41,6 +41,9 @@ log = logging.getLogger("wsync.events")
 
 DEFAULT_CAPACITY = 4096
 SYNC_KINDS = (JobKind.sync_dense, JobKind.sync_sparse)
+#: The report event a succeeded job publishes before its terminal job.state (launch/load jobs: none).
+FINISHED = {JobKind.sync_dense: "sync.finished", JobKind.sync_sparse: "sync.finished",
+            JobKind.comparison: "comparison.finished"}
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,8 @@ class ObservedStore:
 
     def _published(self, job: JobInfo) -> None:
         # The report first: a job stream ends at the terminal job.state.
-        if job.state == JobState.succeeded and isinstance(job.result, dict):
-            kind = "sync.finished" if job.kind in SYNC_KINDS else "comparison.finished"
+        kind = FINISHED.get(job.kind)
+        if job.state == JobState.succeeded and isinstance(job.result, dict) and kind:
             self.bus.publish(kind, {**job.result, "job_id": job.id, "job_kind": job.kind.value}, job_id=job.id)
         self.bus.publish("job.state", job_state_data(job), job_id=job.id)
 

@@ -37,9 +37,12 @@ class EngineLaunch(WireModel):
                     "'direct': wsync's wire straight into vLLM's runtime parameters through a name-and-slice "
                     "map built once (fused qkv / gate_up handled; any sparse encoding); an engine whose model "
                     "is not mapped falls back to 'native' and says why in details.")
-    dtype: str = Field(default="bfloat16", pattern="^(bfloat16|float16|float32)$",
-                       description="Weights' dtype (an external trainer must publish the same).")
-    wait: bool = Field(default=True, description="Answer once the engine is ready (else 202 at once).")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        default=None, description="Weights' dtype. Default: the trainer's (bfloat16 when none is loaded); a "
+                                  "different one than the loaded trainer's is refused (409, dtype_match). An "
+                                  "external trainer must publish the same.")
+    wait: bool = Field(default=True, description="Answer once the engine is ready (200/201 with the engine) if that "
+                       "happens within the server's wait bound, else 202 with the launch job (as with wait=false).")
 
     model_config = {
         "json_schema_extra": {"examples": [{"kind": "reference"}, {"kind": "vllm", "gpu_memory_utilization": 0.6}]}
@@ -55,6 +58,7 @@ class EngineInfo(ResponseModel):
     version: str | None = Field(default=None, description="Weight version the engine serves.")
     device: str | None = None
     created_at: UtcDatetime
+    dtype: str | None = Field(default=None, description="The dtype the engine holds its weights in.")
     error: str | None = None
     syncs: int = 0
     details: dict = Field(default_factory=dict)

@@ -27,6 +27,8 @@ class JobKind(StrEnum):
     sync_dense = "sync_dense"
     sync_sparse = "sync_sparse"
     comparison = "comparison"
+    engine_launch = "engine_launch"
+    trainer_load = "trainer_load"
 
 
 class JobInfo(ResponseModel):

@@ -63,9 +63,10 @@ class EngineSyncReport(ResponseModel):
     engine_id: str
     recv_ms: float
     version: str
+    kind: str | None = Field(default=None, description="The engine's kind (reference, vllm).")
+    transport: str | None = Field(default=None, description="The transport the sync used for this engine "
+                                  "(gloo, nccl, vllm_native, cuda_ipc, external).")
     fingerprint_equal: bool | None = None
-    transport: str | None = Field(default=None, description="The transport this engine was synced over "
-                                  "(gloo, nccl, vllm_native, cuda_ipc).")
 
 
 class SyncReport(ResponseModel):

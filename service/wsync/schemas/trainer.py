@@ -11,6 +11,8 @@ from .text import Text
 class TrainerLoad(WireModel):
     model: str | None = Field(default=None, description="Local HF folder or hub id; default: the embedded model.")
     dtype: str = Field(default="bfloat16", pattern="^(bfloat16|float16|float32)$")
+    wait: bool = Field(default=True, description="Answer 200 with the trainer once loaded, if that happens within "
+                       "the server's wait bound; else (or with wait=false) 202 with the load job.")
 
     model_config = {"json_schema_extra": {"examples": [{}, {"model": "/models/Qwen2.5-0.5B-Instruct"}]}}
 

@@ -1,6 +1,10 @@
 """The comparison job: dense vs sparse, end to end, each on a fresh engine (vLLM's rlhf_sparse_nccl.py
 story): reset the trainer, launch an engine, generate, apply the same reference patch, sync it, generate
-again, compare."""
+again, compare.
+
+The comparison never touches the user's trainer state: a loaded trainer is stashed first (weights,
+version, held patches, delta snapshots; wsync.sync.trainer.Trainer.stash) and given back afterwards,
+whatever happened, so a step taken before ``compare`` can still be delta-synced after it."""
 
 from __future__ import annotations
 
@@ -16,8 +20,17 @@ from .run import run_sync
 
 def run_comparison(fleet: Fleet, ctx: JobContext, req: ComparisonCreate) -> dict:
     model = fleet.trainer.resolve_model(req.model)
-    fleet.trainer.ensure(model)
-    phases = {mode: _phase(fleet, ctx, req, model, mode) for mode in ("dense", "sparse")}
+    saved = None
+    if fleet.trainer.info.loaded:
+        ctx.event(f"setting the trainer's state aside (version {fleet.trainer.version})")
+        saved = fleet.trainer.stash()
+    try:
+        fleet.trainer.ensure(model)
+        phases = {mode: _phase(fleet, ctx, req, model, mode) for mode in ("dense", "sparse")}
+    finally:
+        if saved is not None:
+            fleet.trainer.unstash(saved)
+            ctx.event(f"trainer state restored (version {fleet.trainer.version})")
     dense, sparse = phases["dense"], phases["sparse"]
     verdicts = Verdicts(
         baseline_equal=dense.before == sparse.before,

@@ -50,7 +50,7 @@ def run_publish(fleet: Fleet, ctx: JobContext, order: PublishOrder) -> dict:
     ctx.event(f"{order.mode} publish from {order.slot.name!r} to {len(recs)} engine(s) over "
               f"{order.transports[0].name}" + (f" ({order.fallback})" if order.fallback else ""))
     for rec in recs:
-        rec.info.state = EngineState.busy
+        fleet.set_engine(rec, state=EngineState.busy)
     try:
         sent, recvs = _transfer(fleet, ctx, order, recs)
         reports = _verify(fleet, order, recs, recvs)
@@ -153,11 +153,12 @@ def _verify(fleet: Fleet, order: PublishOrder, recs: list[EngineRecord], recvs: 
     want: dict[str, str] = order.handle.done.result().get("fingerprints") or {}
     got = fleet.caller.wait([r.actor.call("fingerprint", list(want)) for r in recs]) if want else [{} for _ in recs]
     reports = []
-    for rec, recv, fp in zip(recs, recvs, got):
+    for rec, recv, fp, transport in zip(recs, recvs, got, order.transports):
         equal = (fp == want) if want else None
         rec.info.version = order.version if equal or not want else None
         rec.info.syncs += 1
         reports.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=order.version,
+                                        kind=rec.info.kind.value, transport=transport.name,
                                         fingerprint_equal=equal))
     return reports
 
@@ -171,7 +172,7 @@ def _teardown(fleet: Fleet, recs: list[EngineRecord]) -> None:
     fleet.caller.best_effort([r.actor.call("resume") for r in recs], bound)
     for rec in recs:
         if rec.info.state == EngineState.busy:
-            rec.info.state = EngineState.ready
+            fleet.set_engine(rec, state=EngineState.ready)
 
 
 def _report(fleet: Fleet, order: PublishOrder, sent: TransferStats, reports: list[EngineSyncReport],

@@ -26,6 +26,7 @@ from wsync.settings import Settings
 from .calls import Caller, short
 from .external import Publishers
 from .groups import TransferGroups
+from .observer import NullObserver, Observer, notify
 from .records import EngineRecord
 from .trainer import Trainer
 from .transports import TrainerSide, choose
@@ -35,12 +36,15 @@ log = logging.getLogger("wsync.sync")
 
 class Fleet:
     """What the service runs: ``trainer`` (wsync.sync.trainer.Trainer), ``engines`` (id ->
-    EngineRecord) and ``groups`` (TransferGroups)."""
+    EngineRecord) and ``groups`` (TransferGroups). Every engine change goes through ``set_engine``,
+    which tells the ``observer`` (wsync.sync.observer: ``engine.state`` / ``trainer.version``)."""
 
-    def __init__(self, settings: Settings, store: Store, locks: ResourceLocks, actors: Actors):
+    def __init__(self, settings: Settings, store: Store, locks: ResourceLocks, actors: Actors,
+                 observer: Observer | None = None):
         self.settings, self.store, self.locks, self.actors = settings, store, locks, actors
+        self.observer: Observer = observer or NullObserver()
         self.caller = Caller(actors, settings.group_timeout_s)
-        self.trainer = Trainer(settings, store, actors, self.caller)
+        self.trainer = Trainer(settings, store, actors, self.caller, self.observer)
         self.engines: dict[str, EngineRecord] = {}
         self.groups = TransferGroups(self.caller, settings.group_timeout_s, lambda: self.trainer.actor, self.engines)
         self.publishers = Publishers(settings.publisher_lease_s, self._engine_metas)
@@ -78,15 +82,25 @@ class Fleet:
 
     # ---- engines ------------------------------------------------------------------------
     def launch_engine(self, req: EngineLaunch) -> EngineInfo:
+        """Create the engine and wait until it is ready (or failed); the comparison's way."""
+        rec = self.create_engine(req)
+        self.await_ready(rec)
+        return rec.info
+
+    def create_engine(self, req: EngineLaunch) -> EngineRecord:
+        """Check the request, start the engine's actor and list it (state ``starting``) before anything
+        slow happens, so an engine nobody waits for still shows up with its state. The engine loads the
+        trainer's dtype unless the request names one; a different one is refused here (409, ``dtype``)
+        rather than at the first sync."""
         if req.kind == EngineKind.vllm and self.device != "cuda":
             raise InvalidInput("vLLM engines need a GPU; this cluster has none", field="kind")
+        dtype = self.engine_dtype(req.dtype)
         model = self.trainer.resolve_model(req.model)
         engine_id = f"e-{uuid.uuid4().hex[:8]}"
         info = EngineInfo(id=engine_id, kind=req.kind, model=model, name=req.name, state=EngineState.starting,
-                          version=f"base:{model}", created_at=utcnow())
+                          version=f"base:{model}", created_at=utcnow(), dtype=dtype)
         options = {"gpu_memory_utilization": req.gpu_memory_utilization, "enforce_eager": req.enforce_eager,
-                   "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route,
-                   "dtype": req.dtype}
+                   "bucket_bytes": self.settings.dense_bucket_bytes, "sync_route": req.sync_route, "dtype": dtype}
         if req.kind == EngineKind.vllm and getattr(self.actors, "colocated", False):
             self._check_gpu_memory(req.gpu_memory_utilization)
         try:
@@ -96,11 +110,8 @@ class Fleet:
         rec = EngineRecord(info=info, actor=actor)
         with self._guard:
             self.engines[engine_id] = rec
-        if req.wait:
-            self._await_ready(rec)
-        else:
-            threading.Thread(target=self._await_ready, args=(rec,), daemon=True).start()
-        return rec.info
+        self.set_engine(rec)
+        return rec
 
     def _check_gpu_memory(self, utilization: float) -> None:
         """A colocated vLLM engine must fit next to the trainer (actors/placement.memory_budget): 409
@@ -114,19 +125,34 @@ class Fleet:
             raise Conflict(f"the engine does not fit on the GPU it shares with the trainer: {why}",
                            field="gpu_memory_utilization", rule="gpu_memory")
 
-    def _await_ready(self, rec: EngineRecord) -> None:
-        """Wait for the engine's ready(); choose its transport once, here."""
+    def engine_dtype(self, wanted: str | None) -> str:
+        """The dtype a new engine loads: the trainer's (when loaded), else ``wanted`` or bfloat16."""
+        trainer = self.trainer.info.dtype if self.trainer.info.loaded else None
+        if wanted is not None and trainer is not None and wanted != trainer:
+            raise Conflict(f"dtype {wanted} differs from the trainer's {trainer}: an engine must hold the "
+                           "trainer's dtype to receive its weights; leave dtype out to inherit it",
+                           field="dtype", rule="dtype_match")
+        return wanted or trainer or "bfloat16"
+
+    def await_ready(self, rec: EngineRecord, timeout: float | None = None) -> None:
+        """Wait for the engine's ready(); choose its transport once, here. Never raises: a failure is
+        recorded on the engine (state ``failed`` + error)."""
         try:
             details: EngineDetails = self.caller.wait([rec.actor.call("ready")],
-                                                      self.settings.engine_start_timeout_s)[0]
+                                                      timeout or self.settings.engine_start_timeout_s)[0]
             rec.transport = choose(details, TrainerSide(device=self.device, gpu_uuid=self.trainer.gpu_uuid()))
-            rec.info.details = {**_details_dict(details, rec.transport.name),
-                                "colocated": bool(getattr(self.actors, "colocated", False))}
-            rec.info.device = details.device
-            rec.info.state = EngineState.ready
+            self.set_engine(rec, details={**_details_dict(details, rec.transport.name),
+                                          "colocated": bool(getattr(self.actors, "colocated", False))},
+                            device=details.device, state=EngineState.ready)
         except Exception as exc:
-            rec.info.state, rec.info.error = EngineState.failed, short(exc)
+            self.set_engine(rec, state=EngineState.failed, error=short(exc))
             log.warning("engine %s failed to start: %s", rec.info.id, exc)
+
+    def set_engine(self, rec: EngineRecord, **fields: Any) -> None:
+        """Change an engine's info and tell the observer (``engine.state``)."""
+        for key, value in fields.items():
+            setattr(rec.info, key, value)
+        notify(self.observer, "engine.state", rec.info.model_dump(mode="json"))
 
     def get_engine(self, engine_id: str) -> EngineRecord:
         rec = self.engines.get(engine_id)
@@ -149,6 +175,7 @@ class Fleet:
         return recs
 
     def list_engines(self) -> list[EngineInfo]:
+        """Engines in launch order."""
         return [r.info for r in self.engines.values()]
 
     def delete_engine(self, engine_id: str) -> EngineInfo:
@@ -161,7 +188,7 @@ class Fleet:
         wait_gone = getattr(rec.actor, "wait_gone", None)
         if wait_gone is not None and getattr(self.actors, "colocated", False):
             wait_gone(30.0)  # its GPU memory is free before a colocated engine starts next to the trainer
-        rec.info.state = EngineState.stopped
+        self.set_engine(rec, state=EngineState.stopped)
         return rec.info
 
     def generate(self, engine_id: str, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -59,7 +59,7 @@ def _transfer(fleet: Fleet, ctx: JobContext, recs: list[EngineRecord], order: Sy
     sends: list[TransferStats] = []
     reports: list[EngineSyncReport] = []
     for rec in recs:
-        rec.info.state = EngineState.busy
+        fleet.set_engine(rec, state=EngineState.busy)
     try:
         for (kind, transport), group in parts.items():
             ctx.event(f"{order.mode} sync to {len(group)} {kind} engine(s) over the {transport} transport")
@@ -68,15 +68,14 @@ def _transfer(fleet: Fleet, ctx: JobContext, recs: list[EngineRecord], order: Sy
             for rec, recv in zip(group, recvs):
                 rec.info.version, rec.info.syncs = version, rec.info.syncs + 1
                 reports.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=version,
-                                                transport=transport))
+                                                kind=kind, transport=transport))
     except BaseException:
         for rec in recs:  # the engines' weights are now unknown: refuse sparse until a dense reseed
             rec.info.version = None
         raise
     finally:
         for rec in recs:
-            if rec.info.state == EngineState.busy:
-                rec.info.state = EngineState.ready
+            fleet.set_engine(rec, state=EngineState.ready if rec.info.state == EngineState.busy else rec.info.state)
     return sends, reports
 
 

@@ -18,12 +18,15 @@ from wsync.schemas.common import utcnow
 from wsync.settings import Settings
 
 from .calls import Caller
+from .observer import NullObserver, Observer, notify
 from .records import TrainerRecord
 
 
 class Trainer:
-    def __init__(self, settings: Settings, store: Store, actors: Actors, caller: Caller):
+    def __init__(self, settings: Settings, store: Store, actors: Actors, caller: Caller,
+                 observer: Observer | None = None):
         self.settings, self.store, self.actors, self.caller = settings, store, actors, caller
+        self.observer: Observer = observer or NullObserver()
         self.actor: ActorRef | None = None
         self.record = TrainerRecord()
         self._gpu_uuid: tuple[ActorRef | None, str | None] | None = None
@@ -73,6 +76,23 @@ class Trainer:
         self.require()
         return self._loaded(self.caller.get(self._actor().call("reset"), "trainer reset"))
 
+    def stash(self) -> TrainerRecord:
+        """Set the trainer's state aside (in the actor) and continue on a fresh load; returns the
+        record to give back to ``unstash``. wsync.sync.comparison runs between the two."""
+        self.require()
+        saved = TrainerRecord(info=self.record.info.model_copy(), params=list(self.record.params),
+                              snapshots=list(self.record.snapshots), held=self.record.held.copy())
+        self._loaded(self.caller.get(self._actor().call("stash"), "trainer stash"))
+        self.record.snapshots = []
+        return saved
+
+    def unstash(self, saved: TrainerRecord) -> TrainerInfo:
+        """The stashed state back, as it was (weights, version, held patches, delta snapshots)."""
+        self.caller.get(self._actor().call("unstash"), "trainer unstash")
+        self.record = saved
+        self._version_changed()
+        return self.record.info
+
     def require(self) -> None:
         if not self.record.info.loaded:
             raise Conflict("the trainer has no model loaded: POST /v1/trainer/load first", field="trainer")
@@ -82,7 +102,13 @@ class Trainer:
         params = self.caller.get(self._actor().call("param_metas"), "trainer info") if info.loaded else []
         self.record.info, self.record.params = info, params
         self.record.held.clear()
+        self._version_changed()
         return info
+
+    def _version_changed(self) -> None:
+        """Tell the observer (``trainer.version``); every version change ends here."""
+        info = self.record.info
+        notify(self.observer, "trainer.version", {"version": info.version, "model": info.model, "dtype": info.dtype})
 
     def spec_dicts(self) -> dict[str, dict]:
         """The trainer's parameters by name, as the inline-patch checks take them."""
@@ -94,6 +120,7 @@ class Trainer:
         out: TrainerStepResult = self.caller.get(self._actor().call(
             "step", f"s-{uuid.uuid4().hex[:10]}", req.texts, req.optimizer, req.lr, req.steps), "trainer step")
         self.record.info.version = out.version
+        self._version_changed()
         return out
 
     def prepare_patch(self, req: PatchPrepare, tensors: list | None = None) -> PatchInfo:
@@ -113,6 +140,7 @@ class Trainer:
         out = self.caller.get(self._actor().call("prepare_patch", patch_id, req.kind.value, spec), "prepare patch")
         info = self._record_patch(PatchInfo(id=patch_id, kind=req.kind, created_at=utcnow(), **out))
         self.record.info.version = patch_id
+        self._version_changed()
         return info
 
     def prepare_delta(self, base_version: str) -> PatchInfo:

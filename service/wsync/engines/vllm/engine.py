@@ -176,6 +176,7 @@ class VLLMEngineCore:
         kwargs = engine_kwargs(self.api, float(opts.get("gpu_memory_utilization", 0.5)),
                                bool(opts.get("enforce_eager", True)),
                                max_model_len=_default_max_len(model, opts.get("max_model_len")))
+        kwargs["dtype"] = str(opts.get("dtype") or "bfloat16")  # the trainer's (wsync.sync.registry)
         self.llm = create_llm(model, **kwargs)
         self.route, self.route_note = wanted, None
         unsupported = self._direct_unsupported() if (wanted == "direct" or device == "cuda") else None
