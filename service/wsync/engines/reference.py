@@ -38,6 +38,7 @@ class ReferenceEngineCore:
         if options.get("bucket_bytes"):  # lay parameters out as the dense wire's buckets: zero-copy receive
             flatten_params(self.params, int(options["bucket_bytes"]))
         self.group: SyncGroup | None = None
+        self._generation = 0  # bumped by leave_group: a join that was abandoned meanwhile closes itself
         self.paused = False
 
     # ---- serving ------------------------------------------------------------------------
@@ -71,12 +72,19 @@ class ReferenceEngineCore:
         if transport not in ("gloo", "nccl"):
             raise EngineError(f"the reference engine receives on gloo/nccl, not {transport!r}")
         self.leave_group()
-        self.group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
+        generation = self._generation
+        group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
+        if generation != self._generation:  # left (on the control lane) while this join waited
+            group.close(abort=True)
+            raise EngineError(f"transfer group {rendezvous.get('name')} was abandoned while it opened")
+        self.group = group
 
     def leave_group(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
+        """Leave the group now (may run on the control lane while a receive on it is stuck: abort)."""
+        self._generation += 1
+        group, self.group = self.group, None
+        if group is not None:
+            group.close(abort=True)
 
     def prepare_sync(self, update: DenseUpdate) -> None:
         """Check the layout and build the dense receiver before any byte moves."""

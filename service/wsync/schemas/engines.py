@@ -55,6 +55,8 @@ class EngineInfo(ResponseModel):
     created_at: UtcDatetime
     error: str | None = None
     syncs: int = 0
+    quarantined: str | None = Field(default=None, description="Why no sparse sync is accepted until a dense "
+                                    "reseed (a fault was blamed on this engine).")
     details: dict = Field(default_factory=dict)
 
 
