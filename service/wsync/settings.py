@@ -32,8 +32,21 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(default=None, description="CPUs for a locally started Ray.")
     device: str = Field(default="auto", pattern="^(auto|cpu|cuda)$", description="auto: cuda if Ray sees GPUs.")
     dense_bucket_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    group_timeout_s: float = Field(default=300.0, gt=0)
-    engine_start_timeout_s: float = Field(default=900.0, gt=0)
+    # ---- bounded waits (issue 12): every wait on an actor or a peer ends within one of these ----
+    group_timeout_s: float = Field(default=30.0, gt=0, description="Rendezvous + communicator set-up of a transfer "
+                                   "group, and each collective in it (gloo/NCCL timeout), on every side.")
+    call_timeout_s: float = Field(default=60.0, gt=0, description="Any other actor call (pause, prepare, "
+                                  "fingerprint, patch preparation, ...).")
+    transfer_timeout_s: float = Field(default=120.0, gt=0, description="One send || receive of a sync (the "
+                                      "watchdog aborts the group on every side past it).")
+    sync_timeout_s: float = Field(default=300.0, gt=0, description="A whole sync job; past it the job fails "
+                                  "naming the phase it was in.")
+    probe_timeout_s: float = Field(default=3.0, gt=0, description="Liveness probe of an actor (control path).")
+    engine_start_timeout_s: float = Field(default=300.0, gt=0)
+    ray_node_ip: str = Field(default="127.0.0.1", description="The address Ray binds (a single-node cluster stays "
+                             "on loopback); set the node's address for a multi-node cluster.")
+    rendezvous_host: str | None = Field(default="127.0.0.1", description="Where the trainer's c10d store listens; "
+                                        "None: the Ray node's address (multi-node).")
     colocate: str = Field(default="auto", pattern="^(auto|on|off)$",
                           description="Share GPUs between the trainer and the engines (CUDA IPC between them): auto = "
                           "when the cluster has fewer than 2 GPUs.")

@@ -9,7 +9,7 @@ from .conftest import wait_job
 def test_health(client):
     assert client.get("/livez").json()["status"] == "ok"
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"ray": "ok", "database": "ok"}
+    assert ready.status_code == 200 and ready.json()["checks"] == {"ray": "ok", "database": "ok", "engines": "ok"}
     assert ready.headers["X-Request-ID"]
 
 
@@ -137,5 +137,10 @@ def test_dead_engine_answers_503(client, fleet):
     eid = client.post("/v1/engines", json={"kind": "reference"}).json()["id"]
     client.app.state.wsync.fleet.engines[eid].actor.kill()  # the engine process dies under us
     r = client.post(f"/v1/engines/{eid}/generate", json={"prompts": ["Hello"]})
-    assert r.status_code == 503 and "gone" in r.json()["error"]["message"]
+    # liveness (Ray's control store) already shows it failed, with the cause (issue 12)
+    assert r.status_code in (409, 503), r.text
+    info = client.get(f"/v1/engines/{eid}").json()
+    assert info["state"] == "failed" and info["error"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and eid in ready.json()["checks"]["engines"]
     assert client.delete(f"/v1/engines/{eid}").json()["state"] == "stopped"

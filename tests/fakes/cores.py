@@ -124,8 +124,8 @@ class FakeTrainer:
         return sorted(self.snapshots)
 
     # ---- groups and sends ---------------------------------------------------------------
-    def rendezvous(self, world_size: int, name: str, backend: str | None = None) -> dict:
-        return {"host": "local", "port": 0, "world_size": world_size, "backend": backend or "gloo", "name": name}
+    def rendezvous(self, world_size: int, name: str, backend: str | None = None, host: str | None = None) -> dict:
+        return {"host": host or "local", "port": 0, "world_size": world_size, "backend": backend or "gloo", "name": name}
 
     def open_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
         self.hub.log("trainer", "open_group", rendezvous["name"])
@@ -137,7 +137,7 @@ class FakeTrainer:
         self.hub.join(rendezvous["name"], 0, rendezvous["world_size"], timeout_s)
         self.groups.add(rendezvous["name"])
 
-    def close_group(self, name: str | None = None) -> None:
+    def close_group(self, name: str | None = None, abort: bool = False) -> None:
         self.hub.log("trainer", "close_group", name)
         for key in [name] if name else list(self.groups) + list(self.ipc):
             self.groups.discard(key)
@@ -234,8 +234,14 @@ class FakeEngine:
         self.ipc_map: dict | None = None
         self.paused = False
         self.name = f"engine-{id(self) % 10000}"
+        self.frozen = threading.Event()  # set: a stopped process (SIGSTOP): no call answers while it is set
+
+    def _stopped(self) -> None:
+        while self.frozen.is_set():
+            threading.Event().wait(0.05)
 
     def ready(self) -> EngineDetails:
+        self._stopped()
         return EngineDetails(kind=self.kind, model=self.model, device=self.device, num_tensors=len(self.params),
                              transports=self.transports, gpu_uuid=self.hub.engine_gpu)
 
@@ -259,6 +265,7 @@ class FakeEngine:
 
     def join_group(self, rendezvous: dict, rank: int, transport: str, timeout_s: float = 300.0) -> None:
         self.hub.log(self.name, "join_group", rendezvous["name"])
+        self._stopped()
         if transport not in self.transports:
             raise WireError(f"asked to join over {transport!r}; receives on {self.transports}")
         if transport == "cuda_ipc":  # map the export carried by the rendezvous
@@ -270,6 +277,7 @@ class FakeEngine:
 
     def leave_group(self) -> None:
         self.hub.log(self.name, "leave_group", self.group[0] if self.group else None)
+        self._stopped()
         self.group, self.ipc_map = None, None
 
     def prepare_sync(self, update: DenseUpdate) -> None:
@@ -317,6 +325,7 @@ class FakeEngine:
 
     def _take(self) -> Any:
         self.hub.log(self.name, "recv")
+        self._stopped()
         if self.group is None:
             raise WireError("engine has not joined a transfer group")
         return self.hub.recv(*self.group)

@@ -68,16 +68,22 @@ def test_failed_transfer_tears_down_every_side_and_versions_become_unknown(svc):
     group = _calls(hub, "open_group")[-1][2]
     patch = client.post("/v1/patches", json={"kind": "random", "density": 0.01}).json()
     hub.fail["recv"] = "the wire broke"
-    done = _sync(client, "sparse", {"engine_ids": engines, "patch_id": patch["id"]})
-    assert done["state"] == "failed" and "the wire broke" in done["error"]
+    done = _sync(client, "sparse", {"engine_ids": engines, "patch_id": patch["id"], "all_or_nothing": True})
+    assert done["state"] == "failed" and "the wire broke" in done["error"] and "transfer failed" in done["error"]
     assert ("trainer", "close_group", group) in hub.calls
     assert len([c for c in _calls(hub, "leave_group") if c[2] == group]) == 2
     assert hub.open_groups() == [] and _fleet(client).groups.names() == []
     assert all(client.get(f"/v1/engines/{e}").json()["version"] is None for e in engines)
     # sparse is refused until a dense reseed, which opens a fresh group and makes versions known again
     r = client.post("/v1/sync/sparse", json={"engine_ids": engines, "delta": True})
-    assert r.status_code == 409 and r.json()["error"]["rule"] == "baseline_match"
+    assert r.status_code == 409 and r.json()["error"]["rule"] == "quarantined"  # the engine blamed
+    q = {e: client.get(f"/v1/engines/{e}").json()["quarantined"] for e in engines}
+    blamed = [e for e in engines if q[e]]
+    assert len(blamed) == 1 and q[blamed[0]].startswith("transfer: ") and "the wire broke" in q[blamed[0]]
+    r = client.post("/v1/sync/sparse", json={"engine_ids": [e for e in engines if e not in blamed], "delta": True})
+    assert r.status_code == 409 and r.json()["error"]["rule"] == "baseline_match"  # the other: unknown
     assert _sync(client, "dense", {"engine_ids": engines})["result"]["verified"] is True
+    assert client.get(f"/v1/engines/{blamed[0]}").json()["quarantined"] is None
     assert {client.get(f"/v1/engines/{e}").json()["version"] for e in engines} == {patch["id"]}
 
 
@@ -173,3 +179,78 @@ def test_comparison_job_on_fakes(svc):
     assert res["dense"]["verified"] is True and res["sparse"]["verified"] is True
     assert res["verdicts"]["baseline_equal"] is True
     assert len(client.get("/v1/engines").json()["items"]) == 2  # its engines were deleted
+
+
+# ---- issue 12: bounded waits, liveness, per-engine outcomes (fakes) ---------------------------------
+def test_a_failed_engine_does_not_stop_the_others_from_committing(svc):
+    """Fan-out: the engine that broke is quarantined with the cause; the other commits and verifies."""
+    client, hub, engines = svc
+    patch = client.post("/v1/patches", json={"kind": "random", "density": 0.01}).json()
+    hub.fail["recv"] = "the wire broke"
+    done = _sync(client, "sparse", {"engine_ids": engines, "patch_id": patch["id"]})
+    assert done["state"] == "failed" and "transfer failed" in done["error"] and "the wire broke" in done["error"]
+    outcomes = [ev for ev in done["events"] if ev["message"] == "per-engine outcomes"][0]["engines"]
+    by = {o["engine_id"]: o for o in outcomes}
+    bad = [e for e in engines if by[e]["outcome"] == "failed"]
+    good = [e for e in engines if by[e]["outcome"] == "committed"]
+    assert len(bad) == 1 and len(good) == 1 and "the wire broke" in by[bad[0]]["cause"]
+    assert by[good[0]]["version"] == patch["id"]
+    assert client.get(f"/v1/engines/{good[0]}").json()["version"] == patch["id"]
+    info = client.get(f"/v1/engines/{bad[0]}").json()
+    assert info["version"] is None and info["quarantined"] and info["state"] == "ready"
+
+
+def test_a_stuck_engine_is_named_and_the_next_sync_to_a_healthy_engine_is_not_blocked(tmp_path):
+    """An engine that never joins (a stopped process): the open is bounded by group_timeout_s, the
+    fault names that engine and the phase, and a sync to the healthy engine then succeeds at once."""
+    with fake_client(tmp_path, group_timeout_s=1.0, probe_timeout_s=0.5) as (client, hub):
+        hub.timeout_s = 1.0
+        client.post("/v1/trainer/load", json={})
+        a, b = (client.post("/v1/engines", json={"kind": "reference"}).json()["id"] for _ in range(2))
+        stuck = _fleet(client).engines[b].actor.core
+        stuck.frozen.set()
+        try:
+            done = _sync(client, "dense", {"engine_ids": [a, b], "all_or_nothing": True})
+            assert done["state"] == "failed", done
+            assert "open group failed" in done["error"] and f"engine {b}: not answering" in done["error"]
+            assert f"engine {a}:" not in done["error"].split("|")[0]  # the healthy one only waited
+            ok = _sync(client, "dense", {"engine_ids": [a]})
+            assert ok["state"] == "succeeded" and ok["result"]["verified"] is True
+            assert client.get(f"/v1/engines/{b}").json()["quarantined"].startswith("open group")
+        finally:
+            stuck.frozen.clear()
+
+
+def test_a_dead_engine_is_failed_in_the_list_and_readyz_and_never_blocks_others(svc):
+    client, hub, engines = svc
+    assert client.get("/readyz").status_code == 200
+    _fleet(client).engines[engines[1]].actor.kill("kill -9")
+    info = client.get(f"/v1/engines/{engines[1]}").json()
+    assert info["state"] == "failed" and "kill -9" in info["error"]
+    listed = {e["id"]: e["state"] for e in client.get("/v1/engines").json()["items"]}
+    assert listed == {engines[0]: "ready", engines[1]: "failed"}
+    r = client.get("/readyz")
+    assert r.status_code == 503 and engines[1] in r.json()["checks"]["engines"]
+    r = client.post("/v1/sync/dense", json={"engine_ids": engines})
+    assert r.status_code == 409 and r.json()["error"]["field"] == "engine_ids.1"
+    assert _sync(client, "dense", {"engine_ids": engines[:1]})["state"] == "succeeded"
+
+
+def test_an_engine_killed_during_a_sync_fails_it_and_the_other_commits(svc):
+    client, hub, engines = svc
+    assert _sync(client, "dense", {"engine_ids": engines})["state"] == "succeeded"
+    victim = _fleet(client).engines[engines[1]].actor
+    orig = hub.log
+
+    def log(who, method, arg=None):  # the victim dies as its receive starts
+        if method == "recv" and who == victim.core.name:
+            victim.kill("kill -9 during the transfer")
+            raise RuntimeError("connection reset by peer")
+        return orig(who, method, arg)
+
+    hub.log = log
+    done = _sync(client, "dense", {"engine_ids": engines})
+    hub.log = orig
+    assert done["state"] == "failed" and f"engine {engines[1]}" in done["error"] and "kill -9" in done["error"]
+    assert client.get(f"/v1/engines/{engines[1]}").json()["state"] == "failed"
+    assert client.get(f"/v1/engines/{engines[0]}").json()["version"] == client.get("/v1/trainer").json()["version"]

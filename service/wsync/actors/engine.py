@@ -13,7 +13,11 @@ from wsync.settings import Settings
 
 from .placement import Placement, PlacementError, check_capacity, plan_placement
 from .placement import actor_options as _actor_options
-from .ref import ActorGone, CallTimeout, RemoteError
+from .ref import CONTROL_METHODS, ActorGone, CallTimeout, RemoteError
+
+#: a second lane of threads on every actor for CONTROL_METHODS (teardown), so a call stuck in the default
+#: lane (an open or a collective waiting on a dead peer) never blocks the abort that frees it
+CONCURRENCY_GROUPS = {"control": 2}
 
 #: how long a new actor waits for GPU share that actors being deleted still hold before it is refused
 PLACEMENT_WAIT_S = 20.0
@@ -43,7 +47,29 @@ class RayRef:
         self.handle = handle
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.handle, method).remote(*args, **kwargs)
+        fn = getattr(self.handle, method)
+        if method in CONTROL_METHODS:
+            fn = fn.options(concurrency_group="control")
+        return fn.remote(*args, **kwargs)
+
+    def probe(self, method: str) -> Any:
+        """``method`` (a cheap read: ready / info) on the control lane: answers even while a call is stuck."""
+        return getattr(self.handle, method).options(concurrency_group="control").remote()
+
+    def gone(self) -> str | None:
+        """Why the actor is dead (from Ray's control store, without calling it), or None while alive."""
+        try:
+            info = ray._private.state.actors(actor_id=self.handle._actor_id.hex())
+        except Exception:  # noqa: BLE001 - unknown: treat as alive, the calls' timeouts still bound it
+            return None
+        if not info or info.get("State") != "DEAD":
+            return None
+        cause = info.get("DeathCause")
+        text = str(cause) if cause else "the actor is dead"
+        for line in text.splitlines():
+            if "error_message" in line:
+                return line.split(":", 1)[1].strip().strip('"')[:300]
+        return text[:300]
 
     def kill(self) -> None:
         try:
@@ -86,8 +112,10 @@ class RayActors:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
             if self.settings.ray_address:
                 kwargs["address"] = self.settings.ray_address
-            elif self.settings.ray_num_cpus is not None:
-                kwargs["num_cpus"] = self.settings.ray_num_cpus
+            else:  # a cluster of our own binds the configured address (loopback by default)
+                kwargs["_node_ip_address"] = self.settings.ray_node_ip
+                if self.settings.ray_num_cpus is not None:
+                    kwargs["num_cpus"] = self.settings.ray_num_cpus
             ray.init(**kwargs)
             self._started_ray = True
         gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -111,7 +139,7 @@ class RayActors:
         from wsync.actors.trainer import TrainerCore
 
         self._await_capacity("trainer")
-        cls = ray.remote(TrainerCore)
+        cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(TrainerCore)
         opts = _actor_options(self.placement, "trainer")
         return RayRef(cls.options(**opts).remote(_core_device(device), max_snapshots, bucket_bytes))
 
@@ -119,7 +147,7 @@ class RayActors:
         """Raises PlacementError at once (after waiting PLACEMENT_WAIT_S for share that deleted actors
         still hold) when the engine's GPU share is not free: a Ray actor would wait forever for it."""
         self._await_capacity("engine")
-        cls = ray.remote(_engine_core(kind))
+        cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(_engine_core(kind))
         opts = _actor_options(self.placement, "engine")
         return RayRef(cls.options(**opts).remote(model, _core_device(device), {**options,
                                                                                 "colocated": self.colocated}))

@@ -21,6 +21,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 
+#: teardown calls: they run on a separate lane of the actor (Ray: the "control" concurrency group;
+#: LocalRef: a second thread), so they reach an actor whose main lane is stuck waiting on a peer
+CONTROL_METHODS = frozenset({"close_group", "leave_group"})
+
+
 class CallTimeout(TimeoutError):
     """A call did not answer within its timeout."""
 
@@ -41,6 +46,13 @@ class ActorRef(Protocol):
 
     def kill(self) -> None:
         """End the actor now (best effort, idempotent)."""
+
+    def gone(self) -> str | None:
+        """Why the actor is dead (killed, crashed), or None while it lives; asks the backend, not the actor."""
+
+    def probe(self, method: str) -> Any:
+        """Call a cheap read (``ready`` / ``info``) on the actor's control lane: a pending call that answers
+        even while the main lane is stuck, and never answers when the process is hung or stopped."""
 
 
 class Actors(Protocol):
@@ -69,22 +81,38 @@ class LocalRef:
     def __init__(self, core: Any, name: str = "actor"):
         self.core = core
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"local-{name}")
+        self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"local-{name}-control")
         self._lock = threading.Lock()
+        self.cause: str | None = None
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Future:
         with self._lock:
             if self._pool is None:
                 fut: Future = Future()
-                fut.set_exception(ActorGone("the actor is gone (killed)"))
+                fut.set_exception(ActorGone(f"the actor is gone ({self.cause})"))
                 return fut
+            pool = self._control if method in CONTROL_METHODS else self._pool
             # resolved on the actor's thread, after any construction queued before it
-            return self._pool.submit(lambda: getattr(self.core, method)(*args, **kwargs))
+            return pool.submit(lambda: getattr(self.core, method)(*args, **kwargs))
 
-    def kill(self) -> None:
+    def kill(self, cause: str = "killed") -> None:
         with self._lock:
             pool, self._pool = self._pool, None
+            self.cause = self.cause or cause
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+            self._control.shutdown(wait=False, cancel_futures=True)
+
+    def probe(self, method: str) -> Future:
+        with self._lock:
+            if self._pool is None:
+                fut: Future = Future()
+                fut.set_exception(ActorGone(f"the actor is gone ({self.cause})"))
+                return fut
+            return self._control.submit(lambda: getattr(self.core, method)())
+
+    def gone(self) -> str | None:
+        return None if self._pool is not None else f"the actor is dead ({self.cause})"
 
 
 CoreFactory = Callable[..., Any]

@@ -52,6 +52,7 @@ class TrainerCore(TrainerIpcMixin):
         self.patches: dict[str, list[SparsePatch]] = {}
         self.patch_targets: dict[str, str] = {}  # patch id -> the trainer version base + patch equals
         self.groups: dict[str, tuple[str, object]] = {}
+        self._abandoned: set[str] = set()  # groups closed while (possibly) still opening
         self.optimizer = None
         # Copies (on the trainer's device) of weight versions engines serve, for bit-exact deltas.
         self.synced = Snapshot()
@@ -216,14 +217,25 @@ class TrainerCore(TrainerIpcMixin):
     # ---- transfer groups ----------------------------------------------------------------
     # The trainer keeps one open group per engine set (by name), so repeated syncs to the same engines
     # pay the rendezvous and communicator set-up once (wsync.sync.groups decides when to open/close).
-    def rendezvous(self, world_size: int, name: str, backend: str | None = None) -> dict:
-        return {"host": _node_ip(), "port": free_port(), "world_size": world_size,
+    def rendezvous(self, world_size: int, name: str, backend: str | None = None, host: str | None = None) -> dict:
+        """Where the group's store will listen: ``host`` (the service's rendezvous_host, loopback by
+        default) or this node's address."""
+        host = host or _node_ip()
+        return {"host": host, "port": free_port(host), "world_size": world_size,
                 "backend": backend or backend_for(self.device), "name": name}
 
-    def open_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
-        self.close_group(rendezvous["name"])
+    def open_group(self, rendezvous: dict, timeout_s: float = 30.0) -> None:
+        """Open the trainer's side (rank 0). A close_group(name) that arrives (on the control lane) while
+        this open still waits makes it close what it opened and fail: nothing outlives an abandoned open."""
+        name = rendezvous["name"]
+        self.close_group(name)
+        self._abandoned.discard(name)
         group = open_group(Rendezvous(**rendezvous), 0, self.device, timeout_s=timeout_s)
-        self.groups[rendezvous["name"]] = ("wsync", group)
+        if name in self._abandoned:
+            self._abandoned.discard(name)
+            group.close(abort=True)
+            raise TrainerError(f"transfer group {name} was abandoned while it opened")
+        self.groups[name] = ("wsync", group)
 
     def open_vllm_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
         """vLLM's own trainer-side communicator (its helper takes no timeout; ``timeout_s`` is accepted
@@ -235,15 +247,20 @@ class TrainerCore(TrainerIpcMixin):
         handle = va.trainer_open_group(api, rendezvous["host"], rendezvous["port"], rendezvous["world_size"])
         self.groups[rendezvous["name"]] = ("vllm", (api, handle))
 
-    def close_group(self, name: str | None = None) -> None:
-        """Close one group by name, or every group."""
+    def close_group(self, name: str | None = None, abort: bool = False) -> None:
+        """Close one group by name, or every group; ``abort``: tear the communicator down without waiting
+        for peers (runs on the control lane, possibly while a send on it is stuck)."""
+        if name is not None and name not in self.groups:
+            self._abandoned.add(name)  # an open still in flight finds this and closes what it opened
+            while len(self._abandoned) > 64:
+                self._abandoned.pop()
         for key in [name] if name is not None else list(self.groups):
             kind, group = self.groups.pop(key, (None, None))
             if kind == "ipc":
                 self.groups[key] = (kind, group)
                 self.ipc_close(key)
             elif kind == "wsync":
-                group.close()
+                group.close(abort=abort)
             elif kind == "vllm":
                 from wsync.engines import vllm as va
 

@@ -20,7 +20,8 @@ router = APIRouter(prefix="/v1/sync", tags=["sync"])
 @router.post("/dense", response_model=JobInfo, status_code=status.HTTP_202_ACCEPTED,
              summary="Send every parameter to the engines (a job)")
 def sync_dense(req: SyncDense, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
-    order = SyncOrder(mode="dense", engine_ids=req.engine_ids, bucket_bytes=req.bucket_bytes, verify=req.verify)
+    order = SyncOrder(mode="dense", engine_ids=req.engine_ids, bucket_bytes=req.bucket_bytes, verify=req.verify,
+                      all_or_nothing=req.all_or_nothing)
     check_sync(fleet, order, settled=False)
     return runner.submit(JobKind.sync_dense, req.model_dump(mode="json"), sync_locks(req.engine_ids),
                          lambda ctx: run_sync(fleet, ctx, order))
@@ -32,7 +33,8 @@ def sync_sparse(req: SyncSparse, fleet: FleetDep, runner: RunnerDep) -> JobInfo:
     check_patch_elements(req.patches, fleet.settings.max_patch_elements)
     resources = sync_locks(req.engine_ids)
     order = SyncOrder(mode="sparse", engine_ids=req.engine_ids, patch_id=req.patch_id,
-                      encoding=req.encoding.value, verify=req.verify, delta=req.delta)
+                      encoding=req.encoding.value, verify=req.verify, delta=req.delta,
+                      all_or_nothing=req.all_or_nothing)
     # nothing queued that could still move these engines or the trainer: check everything now
     check_sync(fleet, order, settled=not runner.pending(resources))
     tensors = inline_patches(req.patches, fleet.trainer.spec_dicts()) if req.patches else None

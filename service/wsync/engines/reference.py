@@ -49,6 +49,7 @@ class ReferenceEngineCore:
             flatten_params(self.params, int(options["bucket_bytes"]))
         self.group: SyncGroup | None = None
         self.ipc = None  # engines/ipc_recv.IpcReceiver while in a cuda_ipc session
+        self._generation = 0  # bumped by leave_group: a join that was abandoned meanwhile closes itself
         self.paused = False
 
     # ---- serving ------------------------------------------------------------------------
@@ -102,12 +103,19 @@ class ReferenceEngineCore:
                 raise
             self.ipc = receiver
             return
-        self.group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
+        generation = self._generation
+        group = open_group(Rendezvous(**rendezvous), rank, self.device, timeout_s=timeout_s)
+        if generation != self._generation:  # left (on the control lane) while this join waited
+            group.close(abort=True)
+            raise EngineError(f"transfer group {rendezvous.get('name')} was abandoned while it opened")
+        self.group = group
 
     def leave_group(self) -> None:
-        if self.group is not None:
-            self.group.close()
-            self.group = None
+        """Leave the group now (may run on the control lane while a receive on it is stuck: abort)."""
+        self._generation += 1
+        group, self.group = self.group, None
+        if group is not None:
+            group.close(abort=True)
         if self.ipc is not None:
             receiver, self.ipc = self.ipc, None
             receiver.close()

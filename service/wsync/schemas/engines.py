@@ -61,6 +61,8 @@ class EngineInfo(ResponseModel):
     dtype: str | None = Field(default=None, description="The dtype the engine holds its weights in.")
     error: str | None = None
     syncs: int = 0
+    quarantined: str | None = Field(default=None, description="Why no sparse sync is accepted until a dense "
+                                    "reseed (a fault was blamed on this engine).")
     details: dict = Field(default_factory=dict)
 
 

@@ -29,6 +29,8 @@ class SyncDense(WireModel):
     engine_ids: list[str] = Field(min_length=1, description="Engines to receive every parameter.")
     bucket_bytes: int | None = Field(default=None, ge=1024, description="Flat buffer size; default from settings.")
     verify: bool = Field(default=True, description="Compare weight fingerprints of trainer and engines afterwards.")
+    all_or_nothing: bool = Field(default=False, description="If any engine fails, do not sync the others "
+                                 "without it (default: the healthy engines commit, the failed ones are quarantined).")
 
     model_config = {"json_schema_extra": {"examples": [{"engine_ids": ["e-1a2b3c"]}]}}
 
@@ -43,6 +45,8 @@ class SyncSparse(WireModel):
     encoding: SparseEncoding = Field(default=SparseEncoding.flat_int32,
                                      description="Wire encoding; flat_int32 is vLLM's.")
     verify: bool = True
+    all_or_nothing: bool = Field(default=False, description="If any engine fails, do not sync the others "
+                                 "without it (default: the healthy engines commit, the failed ones are quarantined).")
 
     @field_validator("encoding", mode="before")
     @classmethod
@@ -62,11 +66,13 @@ class SyncSparse(WireModel):
 class EngineSyncReport(ResponseModel):
     engine_id: str
     recv_ms: float
-    version: str
+    version: str | None = Field(description="The version the engine serves after the sync (null: unknown).")
     kind: str | None = Field(default=None, description="The engine's kind (reference, vllm).")
     transport: str | None = Field(default=None, description="The transport the sync used for this engine "
                                   "(gloo, nccl, vllm_native, cuda_ipc, external).")
     fingerprint_equal: bool | None = None
+    outcome: str = Field(default="committed", description="committed | failed (with cause).")
+    cause: str | None = Field(default=None, description="Why it failed: the phase and the cause.")
 
 
 class SyncReport(ResponseModel):

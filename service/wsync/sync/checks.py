@@ -28,6 +28,7 @@ class SyncOrder:
     encoding: str = "flat_int32"
     verify: bool = True
     delta: bool = False
+    all_or_nothing: bool = False
 
 
 @dataclass
@@ -43,6 +44,8 @@ def check_sync(fleet: Fleet, order: SyncOrder, *, settled: bool = True) -> Check
     fleet.trainer.require()
     recs = fleet.ready_engines(order.engine_ids)
     out = Checked(recs)
+    if order.mode == "sparse":
+        check_quarantine(recs)
     if order.patch_id is not None:
         out.patch = fleet.store.get_patch(order.patch_id)
         if out.patch is None:
@@ -62,6 +65,14 @@ def check_baseline(recs: list[EngineRecord], base_version: str | None) -> None:
             raise Conflict(
                 f"engine {rec.info.id} serves weights {rec.info.version!r} but the patch applies on top of "
                 f"{base_version!r}; sync dense first", field="engine_ids", rule="baseline_match")
+
+
+def check_quarantine(recs: list[EngineRecord]) -> None:
+    """An engine a fault was blamed on gets no sparse sync until a dense reseed."""
+    for i, rec in enumerate(recs):
+        if rec.quarantined:
+            raise Conflict(f"engine {rec.info.id} is quarantined ({rec.quarantined}); sync dense to reseed it",
+                           field=f"engine_ids.{i}", rule="quarantined")
 
 
 def check_held(fleet: Fleet, patch_id: str) -> None:

@@ -10,7 +10,10 @@ for its peers, so one side closing alone can stall until a timeout). After a fai
 group's state is unknown: the sync run closes it.
 
 Every open passes the service's group timeout (Settings.group_timeout_s) to the trainer and to each
-engine's join_group."""
+engine's join_group, and waits for them no longer than that: a peer that is dead, raises or never joins
+ends the open with a ``Fault`` naming it (phase "open group"), and the group is closed on every side
+with ``abort``. Teardown calls run on the actors' control lane (actors/ref.py CONTROL_METHODS), so they
+reach a side whose open is still stuck; that open then closes what it opened and fails."""
 
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from dataclasses import dataclass
 from wsync.actors.ref import ActorRef
 
 from .calls import Caller
+from .outcomes import TRAINER, Fault, blame, gather
 from .records import EngineRecord
 from .transports import Transport
 
 #: how long a teardown may wait for every side before it gives up (best effort)
-TEARDOWN_TIMEOUT_S = 60.0
+TEARDOWN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,9 @@ class TransferGroups:
     ``engines`` is the registry's live engine map (teardown reaches only engines still registered)."""
 
     def __init__(self, caller: Caller, timeout_s: float, trainer: Callable[[], ActorRef | None],
-                 engines: Mapping[str, EngineRecord]):
+                 engines: Mapping[str, EngineRecord], host: str | None = None, probe_s: float = 3.0):
         self.caller, self.timeout_s = caller, timeout_s
+        self.host, self.probe_s = host, probe_s
         self._trainer, self._engines = trainer, engines
         self._open: dict[tuple[str, ...], OpenGroup] = {}
         self._guard = threading.RLock()
@@ -80,11 +85,14 @@ class TransferGroups:
         trainer = self._trainer()
         assert trainer is not None, "a group needs the trainer"
         uuids = [(r.info.details or {}).get("gpu_uuid") for r in recs]
-        rdv = transport.rendezvous(self.caller, trainer, name, uuids)
-        pending = [transport.open(trainer, rdv, self.timeout_s)]
-        pending += [r.actor.call("join_group", rdv, i + 1, transport.name, self.timeout_s)
-                    for i, r in enumerate(recs)]
-        self.caller.wait(pending)
+        rdv = transport.rendezvous(self.caller, trainer, name, uuids, self.host)
+        calls = [(TRAINER, transport.open(trainer, rdv, self.timeout_s))]
+        calls += [(r.id, r.actor.call("join_group", rdv, i + 1, transport.name, self.timeout_s))
+                  for i, r in enumerate(recs)]
+        got = gather(self.caller, calls, self.timeout_s + 2.0)  # the sides' own timeouts fire first
+        if got.broken:
+            actors = {TRAINER: trainer, **{r.id: r.actor for r in recs}}
+            raise Fault("open group", blame(self.caller, got, actors, self.timeout_s, self.probe_s))
 
     def close_named(self, name: str) -> None:
         """Tear down the group called ``name`` (if open) on every side."""
@@ -102,8 +110,8 @@ class TransferGroups:
             for rec in members:
                 rec.group = None
         trainer = self._trainer()
-        pending = [trainer.call("close_group", group.name)] if trainer is not None else []
-        pending += [r.actor.call("leave_group") for r in members]
+        pending = [trainer.call("close_group", group.name, True)] if trainer is not None else []
+        pending += [r.actor.call("leave_group") for r in members if not r.actor.gone()]
         self.caller.best_effort(pending, TEARDOWN_TIMEOUT_S)
 
     def drop_engine(self, engine_id: str) -> None:

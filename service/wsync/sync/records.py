@@ -25,6 +25,15 @@ class EngineRecord:
     group: str | None = None
 
     @property
+    def quarantined(self) -> str | None:
+        """Why this engine gets no sparse sync (a fault was blamed on it); a dense commit clears it."""
+        return self.info.quarantined
+
+    @quarantined.setter
+    def quarantined(self, cause: str | None) -> None:
+        self.info.quarantined = cause
+
+    @property
     def id(self) -> str:
         return self.info.id
 

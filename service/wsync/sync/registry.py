@@ -43,10 +43,11 @@ class Fleet:
                  observer: Observer | None = None):
         self.settings, self.store, self.locks, self.actors = settings, store, locks, actors
         self.observer: Observer = observer or NullObserver()
-        self.caller = Caller(actors, settings.group_timeout_s)
+        self.caller = Caller(actors, settings.call_timeout_s)
         self.trainer = Trainer(settings, store, actors, self.caller, self.observer)
         self.engines: dict[str, EngineRecord] = {}
-        self.groups = TransferGroups(self.caller, settings.group_timeout_s, lambda: self.trainer.actor, self.engines)
+        self.groups = TransferGroups(self.caller, settings.group_timeout_s, lambda: self.trainer.actor, self.engines,
+                                     host=settings.rendezvous_host, probe_s=settings.probe_timeout_s)
         self.publishers = Publishers(settings.publisher_lease_s, self._engine_metas)
         self._guard = threading.RLock()
 
@@ -72,7 +73,20 @@ class Fleet:
             checks["database"] = "ok"
         except Exception as exc:  # pragma: no cover - depends on the backend
             checks["database"] = f"error: {exc}"
+        self.refresh_liveness()
+        failed = [f"{r.id} ({r.info.error})" for r in self.engines.values() if r.info.state == EngineState.failed]
+        checks["engines"] = "ok" if not failed else "failed: " + "; ".join(failed)
         return checks
+
+    def refresh_liveness(self) -> None:
+        """Engines whose actor died (kill -9, crash) become ``failed`` with the cause; asks the actor
+        backend (Ray's control store), never the actor, so a hung engine cannot stall it."""
+        for rec in list(self.engines.values()):
+            if rec.info.state in (EngineState.ready, EngineState.busy, EngineState.starting):
+                cause = rec.actor.gone()
+                if cause:
+                    rec.info.state, rec.info.error = EngineState.failed, cause
+                    log.warning("engine %s is dead: %s", rec.id, cause)
 
     @contextmanager
     def holding(self, *names: str, timeout: float = 2.0) -> Iterator[None]:
@@ -155,6 +169,7 @@ class Fleet:
         notify(self.observer, "engine.state", rec.info.model_dump(mode="json"))
 
     def get_engine(self, engine_id: str) -> EngineRecord:
+        self.refresh_liveness()
         rec = self.engines.get(engine_id)
         if rec is None:
             raise NotFound(f"no engine {engine_id!r}", field="engine_id")
@@ -165,17 +180,20 @@ class Fleet:
         if len(set(engine_ids)) != len(engine_ids):
             raise InvalidInput("engine_ids has duplicates", field=field)
         recs = []
+        self.refresh_liveness()
         for i, eid in enumerate(engine_ids):
             rec = self.engines.get(eid)
             if rec is None:
                 raise NotFound(f"no engine {eid!r}", field=f"{field}.{i}")
             if rec.info.state not in (EngineState.ready, EngineState.busy):
-                raise Conflict(f"engine {eid} is {rec.info.state.value}, not ready", field=f"{field}.{i}")
+                raise Conflict(f"engine {eid} is {rec.info.state.value}, not ready"
+                               + (f" ({rec.info.error})" if rec.info.error else ""), field=f"{field}.{i}")
             recs.append(rec)
         return recs
 
     def list_engines(self) -> list[EngineInfo]:
         """Engines in launch order."""
+        self.refresh_liveness()
         return [r.info for r in self.engines.values()]
 
     def delete_engine(self, engine_id: str) -> EngineInfo:
@@ -183,7 +201,8 @@ class Fleet:
         self.groups.drop_engine(engine_id)  # while the engine is still listed: every side closes together
         with self._guard:
             self.engines.pop(engine_id, None)
-        self.caller.best_effort([rec.actor.call("shutdown")], 30)
+        if not rec.actor.gone():
+            self.caller.best_effort([rec.actor.call("shutdown")], self.settings.probe_timeout_s)
         rec.actor.kill()
         wait_gone = getattr(rec.actor, "wait_gone", None)
         if wait_gone is not None and getattr(self.actors, "colocated", False):

@@ -2,21 +2,27 @@
 of engines (same kind, same transport) over its transfer group, versions, snapshots, verification,
 the report.
 
-Versions stay truthful: when any transfer breaks, every engine of the sync serves unknown weights
-(``version = None``: sparse and delta are refused until a dense reseed) and the broken group is torn
-down on every side."""
+Versions stay truthful: an engine a broken transfer reached serves unknown weights (``version = None``:
+sparse and delta are refused until a dense reseed) and the broken group is torn down on every side
+(abort, on the actors' control lane). Every wait is bounded (Settings: group_timeout_s, call_timeout_s,
+transfer_timeout_s, and sync_timeout_s for the whole job); a breach is a ``Fault`` naming the phase
+and the peers to blame (sync/outcomes.py). The engines blamed are quarantined (state ``failed`` when
+their actor is dead) and the rest of the partition is synced again without them, so one bad engine
+never stops the others from committing; the job then fails naming the bad engines, and its events
+carry every engine's outcome. ``all_or_nothing`` skips that retry."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 
-from wsync.engines.contract import DenseUpdate, ReceiveReport
-from wsync.jobs.runner import JobContext
+from wsync.engines.contract import DenseUpdate, ReceiveReport, SparseUpdate
+from wsync.jobs.runner import JobCancelled, JobContext
 from wsync.schemas import EngineState, EngineSyncReport, PatchInfo, SyncReport
 from wsync.transfer.meta import TransferStats
 
 from .checks import SyncOrder, check_sync
+from .outcomes import TRAINER, Deadline, Fault, blame, gather
 from .records import EngineRecord
 from .registry import Fleet
 from .transports import Transport
@@ -25,6 +31,7 @@ from .transports import Transport
 def run_sync(fleet: Fleet, ctx: JobContext, order: SyncOrder) -> dict:
     """Run ``order``; returns the SyncReport as JSON. Cancellation is honoured before any byte moves."""
     t0 = time.perf_counter()
+    deadline = Deadline(fleet.settings.sync_timeout_s)
     checked = check_sync(fleet, order)
     patch = checked.patch
     if order.delta:
@@ -35,7 +42,13 @@ def run_sync(fleet: Fleet, ctx: JobContext, order: SyncOrder) -> dict:
     version = (patch.target_version or patch.id) if patch is not None else fleet.trainer.version
     assert version is not None
     bucket = order.bucket_bytes or fleet.settings.dense_bucket_bytes
-    sends, reports = _transfer(fleet, ctx, checked.recs, order, bucket, patch, version)
+    try:
+        sends, reports, _ = _transfer(fleet, ctx, checked.recs, order, bucket, patch, version, deadline)
+    except SyncIncomplete as exc:
+        ctx.event("per-engine outcomes", engines=[r.model_dump(mode="json") for r in exc.done + exc.failed])
+        if exc.done:  # the engines that committed serve this version: keep the trainer's snapshots right
+            fleet.trainer.mark_synced(version, patch, fleet.serving_versions())
+        raise
     total_ms = (time.perf_counter() - t0) * 1e3  # every engine serves the new weights now
     fleet.trainer.mark_synced(version, patch, fleet.serving_versions())
     # Fingerprints only mean something when the engines should now equal the trainer (a sparse sync of
@@ -50,25 +63,55 @@ def run_sync(fleet: Fleet, ctx: JobContext, order: SyncOrder) -> dict:
 
 
 def _transfer(fleet: Fleet, ctx: JobContext, recs: list[EngineRecord], order: SyncOrder, bucket: int,
-              patch: PatchInfo | None, version: str) -> tuple[list[TransferStats], list[EngineSyncReport]]:
-    """Every partition in turn; engines are busy meanwhile; any failure leaves all versions unknown."""
+              patch: PatchInfo | None, version: str, deadline: Deadline
+              ) -> tuple[list[TransferStats], list[EngineSyncReport], list[EngineSyncReport]]:
+    """Every partition in turn; engines are busy meanwhile. Returns the sends, the committed engines'
+    reports and the failed ones'. A partition whose phase breaks (``Fault``) drops the engines it blames
+    (quarantined; state ``failed`` when the actor is dead) and runs once more on the rest, unless the
+    trainer broke or ``all_or_nothing``. Engines a broken transfer reached serve unknown weights until
+    they commit (a retry sends the same absolute values again: dense and sparse are idempotent)."""
     parts: dict[tuple[str, str], list[EngineRecord]] = defaultdict(list)
     for rec in recs:
         assert rec.transport is not None, f"engine {rec.id} is ready without a transport"
         parts[(rec.info.kind.value, rec.transport.name)].append(rec)
     sends: list[TransferStats] = []
-    reports: list[EngineSyncReport] = []
+    done: list[EngineSyncReport] = []
+    failed: list[EngineSyncReport] = []
+    last: Fault | None = None
     for rec in recs:
         fleet.set_engine(rec, state=EngineState.busy)
     try:
         for (kind, transport), group in parts.items():
-            ctx.event(f"{order.mode} sync to {len(group)} {kind} engine(s) over the {transport} transport")
-            send, recvs = _sync_partition(fleet, ctx, kind, group, order, bucket, patch)
-            sends.append(send)
-            for rec, recv in zip(group, recvs):
-                rec.info.version, rec.info.syncs = version, rec.info.syncs + 1
-                reports.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=version,
+            todo = list(group)
+            for attempt in (1, 2):
+                ctx.event(f"{order.mode} sync to {len(todo)} {kind} engine(s) over the {transport} transport"
+                          + (" (again, without the failed engines)" if attempt > 1 else ""))
+                try:
+                    send, recvs = _sync_partition(fleet, ctx, kind, todo, order, bucket, patch, deadline)
+                except Fault as fault:
+                    last = fault
+                    for rec in todo:
+                        rec.info.version = None  # the transfer may have reached it: unknown until it commits
+                    blamed = [r for r in todo if r.id in fault.causes]
+                    for rec in blamed:
+                        failed.append(_fail(rec, fault))
+                    todo = [r for r in todo if r not in blamed]
+                    ctx.event(str(fault), phase=fault.phase, causes=fault.causes)
+                    if not todo or not blamed or TRAINER in fault.causes or order.all_or_nothing or attempt == 2:
+                        for rec in todo:
+                            failed.append(_fail(rec, fault, blamed=False))
+                        raise SyncIncomplete(fault, done, failed) from None
+                    continue
+                sends.append(send)
+                for rec, recv in zip(todo, recvs):
+                    rec.info.version, rec.info.syncs = version, rec.info.syncs + 1
+                    if order.mode == "dense":
+                        rec.quarantined = None  # a dense reseed makes it trustworthy again
+                    done.append(EngineSyncReport(engine_id=rec.id, recv_ms=recv.recv_ms, version=version,
                                                 kind=kind, transport=transport))
+                break
+    except (SyncIncomplete, JobCancelled):
+        raise  # versions already say what each engine serves (a cancel comes before any byte moved)
     except BaseException:
         for rec in recs:  # the engines' weights are now unknown: refuse sparse until a dense reseed
             rec.info.version = None
@@ -76,38 +119,86 @@ def _transfer(fleet: Fleet, ctx: JobContext, recs: list[EngineRecord], order: Sy
     finally:
         for rec in recs:
             fleet.set_engine(rec, state=EngineState.ready if rec.info.state == EngineState.busy else rec.info.state)
-    return sends, reports
+    if failed:
+        raise SyncIncomplete(last, done, failed)
+    return sends, done, failed
+
+
+class SyncIncomplete(RuntimeError):
+    """Some engines did not commit: the job fails naming them (phase, cause); the others' reports say
+    what they serve now."""
+
+    def __init__(self, fault: Fault | None, done: list[EngineSyncReport], failed: list[EngineSyncReport]):
+        self.done, self.failed = done, failed
+        head = str(fault) if fault is not None else "some engines failed"
+        ok = ", ".join(f"{r.engine_id} committed {r.version}" for r in done)
+        bad = ", ".join(f"{r.engine_id} {r.outcome} (version {r.version})" for r in failed)
+        super().__init__(f"{head} | {bad}" + (f" | {ok}" if ok else ""))
+
+
+def _fail(rec: EngineRecord, fault: Fault, blamed: bool = True) -> EngineSyncReport:
+    """Record why an engine did not commit; a blamed engine is quarantined (and failed when dead)."""
+    cause = fault.causes.get(rec.id) if blamed else f"not committed: {fault}"
+    if blamed:
+        rec.quarantined = f"{fault.phase}: {cause}"
+        dead = rec.actor.gone()
+        if dead:
+            rec.info.state, rec.info.error = EngineState.failed, dead
+    return EngineSyncReport(engine_id=rec.id, recv_ms=0.0, version=rec.info.version, outcome="failed",
+                            cause=f"{fault.phase}: {cause}")
 
 
 def _sync_partition(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineRecord], order: SyncOrder,
-                    bucket: int, patch: PatchInfo | None) -> tuple[TransferStats, list[ReceiveReport]]:
-    """One transfer to engines sharing a transport: group, pause, prepare, send || receive, resume."""
+                    bucket: int, patch: PatchInfo | None, deadline: Deadline
+                    ) -> tuple[TransferStats, list[ReceiveReport]]:
+    """One transfer to engines sharing a transport: group, pause, prepare, send || receive, resume.
+    Each phase is bounded (settings) and within the job's deadline; a broken phase closes the group on
+    every side (abort) and raises ``Fault`` naming the peers and the phase."""
     transport: Transport = recs[0].transport  # type: ignore[assignment]
-    trainer, call = fleet.trainer.actor, fleet.caller
+    trainer, call, s = fleet.trainer.actor, fleet.caller, fleet.settings
     assert trainer is not None
+    actors = {TRAINER: trainer, **{r.id: r.actor for r in recs}}
+    deadline.check("open group")
     name = fleet.groups.ensure(
         transport, recs, f"wsync-{ctx.job_id}-{kind}-{transport.name}", partition=kind,
         on_open=lambda: ctx.event(f"opening a {kind} transfer group for {len(recs)} engine(s)"))
+    abort = lambda: fleet.groups.close_named(name)  # noqa: E731 - the watchdog's action
+
+    def phase(what: str, calls: list, cap: float) -> list:
+        deadline.check(what)
+        got = gather(call, calls, deadline.left(cap), on_break=abort)
+        if got.broken:
+            abort()
+            raise Fault(what, blame(call, got, actors, cap, s.probe_timeout_s))
+        return [got.ok[p] for p, _ in calls]
+
     try:
-        call.wait([r.actor.call("pause") for r in recs])
+        phase("pause", [(r.id, r.actor.call("pause")) for r in recs], s.call_timeout_s)
         dense = DenseUpdate(metas=fleet.trainer.record.params, bucket_bytes=bucket)
-        call.wait([r.actor.call("prepare_sync", dense) for r in recs])  # maps and plans before any byte
+        phase("prepare", [(r.id, r.actor.call("prepare_sync", dense)) for r in recs], s.call_timeout_s)
+        ctx.check_cancelled()  # the last safe point: nothing has moved on this group yet
         if order.mode == "dense":
             updates = transport.dense_updates(call, trainer, name, dense, len(recs))
             send = transport.send_dense(trainer, name, dense)
-            recvs = [r.actor.call("recv_dense", u) for r, u in zip(recs, updates)]
+            updates = transport.dense_updates(call, trainer, name, dense, len(recs))
+            send = transport.send_dense(trainer, name, dense)
+            recvs = [(r.id, r.actor.call("recv_dense", u)) for r, u in zip(recs, updates)]
         else:
             assert patch is not None
-            plan = call.wait([trainer.call("sparse_plan", patch.id, transport.sparse_encoding(order.encoding))])[0]
+            plan = phase("plan", [(TRAINER, trainer.call(
+                "sparse_plan", patch.id, transport.sparse_encoding(order.encoding)))], s.call_timeout_s)[0]
             sparse = transport.sparse_updates(call, trainer, name, patch.id, plan, len(recs))
             send = transport.send_sparse(trainer, name, patch.id, plan)
-            recvs = [r.actor.call("recv_sparse", u) for r, u in zip(recs, sparse)]
-        out = call.wait([send, *recvs])
+            recvs = [(r.id, r.actor.call("recv_sparse", u)) for r, u in zip(recs, sparse)]
+        out = phase("transfer", [(TRAINER, send), *recvs], s.transfer_timeout_s)
+    except JobCancelled:
+        raise  # before any byte moved: the group stays usable
     except BaseException:
-        fleet.groups.close_named(name)  # a broken transfer leaves the group unknown: every side goes
+        abort()  # a broken transfer leaves the group unknown: every side goes
         raise
     finally:
-        call.best_effort([r.actor.call("resume") for r in recs])
+        live = [r for r in recs if not r.actor.gone()]
+        call.best_effort([r.actor.call("resume") for r in live], s.probe_timeout_s)
     return out[0], out[1:]
 
 

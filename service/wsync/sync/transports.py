@@ -69,9 +69,11 @@ class Transport:
         """The process-group backend the rendezvous names (None: the transport's own)."""
         return None
 
-    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None]) -> dict:
-        """What every side of a new group named ``name`` is told (engines in rank order 1..n)."""
-        return caller.wait([trainer.call("rendezvous", 1 + len(engine_uuids), name, self.backend)])[0]
+    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None],
+                   host: str | None = None) -> dict:
+        """What every side of a new group named ``name`` is told (engines in rank order 1..n); the
+        trainer's store listens on ``host`` (Settings.rendezvous_host; None: the Ray node's address)."""
+        return caller.wait([trainer.call("rendezvous", 1 + len(engine_uuids), name, self.backend, host)])[0]
 
     def open(self, trainer: ActorRef, rendezvous: dict, timeout_s: float) -> Any:
         """Open the trainer's side of a group (rank 0), concurrently with the engines' join_group."""
@@ -165,7 +167,8 @@ class CudaIpc(Transport):
     def usable(cls, name: str, trainer: TrainerSide, engine: EngineDetails) -> bool:
         return trainer.device == "cuda" and same_gpu(trainer.gpu_uuid, engine.gpu_uuid)
 
-    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None]) -> dict:
+    def rendezvous(self, caller: Any, trainer: ActorRef, name: str, engine_uuids: list[str | None],
+                   host: str | None = None) -> dict:
         exports = caller.wait([trainer.call("ipc_open", name, i + 1, u) for i, u in enumerate(engine_uuids)])
         return {"name": name, "world_size": 1 + len(engine_uuids), "backend": None,
                 "exports": {str(i + 1): e for i, e in enumerate(exports)}}

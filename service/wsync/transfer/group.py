@@ -119,7 +119,10 @@ class SyncGroup:
                     break
                 except Exception:  # noqa: BLE001 - best effort, the group is going away
                     continue
-        self._store = None
+        store, self._store = self._store, None
+        listener = store[-1] if isinstance(store, tuple) else None
+        if isinstance(listener, socket.socket):
+            listener.close()
 
     def __enter__(self) -> SyncGroup:
         return self
@@ -151,8 +154,17 @@ def _resolve_device(backend: str, device: torch.device | str | int | None) -> to
     return dev
 
 
-def _make_pg(backend: str, store: Any, rank: int, world_size: int, timeout: timedelta) -> Any:
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _make_pg(backend: str, store: Any, rank: int, world_size: int, timeout: timedelta, host: str = "") -> Any:
     if backend == "gloo":
+        if is_loopback(host):  # gloo's pairs on loopback too (its default device binds the hostname's address)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            return dist.ProcessGroupGloo(store, rank, world_size, opts)
         return dist.ProcessGroupGloo(store, rank, world_size, timeout)
     if backend == "nccl":
         if not hasattr(dist, "ProcessGroupNCCL"):
@@ -164,14 +176,34 @@ def _make_pg(backend: str, store: Any, rank: int, world_size: int, timeout: time
 
 
 def open_group(rdv: Rendezvous, rank: int, device: torch.device | str | int | None = None,
-               timeout_s: float = 300.0) -> SyncGroup:
-    """Join the group described by `rdv` as `rank`; every rank must call this concurrently."""
+               timeout_s: float = 30.0) -> SyncGroup:
+    """Join the group described by `rdv` as `rank`; every rank must call this concurrently. Every wait
+    (rendezvous, communicator set-up, each collective) is bounded by ``timeout_s``. Rank 0's store
+    listens on ``rdv.host`` only (a loopback rendezvous is reachable from this machine only)."""
     if not 0 <= rank < rdv.world_size:
         raise ValueError(f"rank {rank} outside world of {rdv.world_size}")
     dev = _resolve_device(rdv.backend, device)
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(rdv.host, rdv.port, rdv.world_size, is_master=(rank == 0),
-                          timeout=timeout, wait_for_workers=False)
-    prefixed = dist.PrefixStore(rdv.name, store)
-    pg = _make_pg(rdv.backend, prefixed, rank, rdv.world_size, timeout)
-    return SyncGroup(pg, (store, prefixed), rank, rdv.world_size, rdv.backend, dev)
+    listener = _listen(rdv.host, rdv.port) if rank == 0 else None
+    try:
+        store = dist.TCPStore(rdv.host, rdv.port, rdv.world_size, is_master=(rank == 0), timeout=timeout,
+                              wait_for_workers=False,
+                              **({"master_listen_fd": listener.fileno()} if listener is not None else {}))
+        prefixed = dist.PrefixStore(rdv.name, store)
+        pg = _make_pg(rdv.backend, prefixed, rank, rdv.world_size, timeout, rdv.host)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    # the store serves on the listener's descriptor: it lives (and closes) with the group
+    return SyncGroup(pg, (store, prefixed, listener), rank, rdv.world_size, rdv.backend, dev)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on exactly ``host:port`` (TCPStore alone binds every interface)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
