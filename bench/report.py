@@ -1,6 +1,7 @@
 """Render docs/BENCHMARKS.md from one or more result JSONs of bench/sync_bench.py.
 
-    python bench/report.py bench/results/h100x2.json bench/results/cpu.json --out docs/BENCHMARKS.md
+    python bench/report.py bench/results/h100x2.json bench/results/cpu.json bench/results/h200x1.json \
+        --out docs/BENCHMARKS.md
 
 A GPU result gets absolute times and ratios; a CPU (gloo) result gets ratios only. A result file that
 does not exist yet is listed as "not run yet"."""
@@ -27,10 +28,14 @@ HOWTO = """\
 scripts/bench-gpu OUTDIR          # = python bench/sync_bench.py --device cuda --shape qwen2.5-0.5b,qwen2.5-3b \\
                                   #     --iters 10 --max-minutes 8 --out OUTDIR/h100x2.json (+ env)
 # the run on this page used --max-minutes 5.5 (the session's GPU time), so the 3B shape did not run
+# one GPU (trainer and a vLLM engine colocated, CUDA IPC; issue 10), one device call:
+scripts/bench-gpu1 OUTDIR         # = python -m bench.colo_bench --out OUTDIR -> OUTDIR/h200x1.json, h200x1-raw.json
+python bench/colo_plot.py bench/results/h200x1.json   # its plot, bench/results/h200x1.png
 # CPU, two processes over gloo (ratios only):
 python bench/sync_bench.py --device cpu --shape tiny --skip-vllm --out bench/results/cpu.json
 # this page:
-python bench/report.py bench/results/h100x2.json bench/results/cpu.json --out docs/BENCHMARKS.md
+python bench/report.py bench/results/h100x2.json bench/results/cpu.json bench/results/h200x1.json \\
+  --out docs/BENCHMARKS.md
 ```
 
 - Shapes (`--shape`, comma list; the first one gives the top-level JSON keys, the others go under
@@ -234,7 +239,7 @@ def render(paths: list[Path], doc: Path) -> str:
         if path.name.startswith("h200x1"):  # issue 10's one-GPU result has its own schema
             from bench.colo_report import render_one_gpu
 
-            lines += render_one_gpu(path) + [""]
+            lines += render_one_gpu(path, doc) + [""]
             continue
         if not path.exists():
             lines += [f"## {path.name}: not run yet", "", f"`{path}` does not exist yet; see the commands below.", ""]
