@@ -169,13 +169,18 @@ def test_publisher_reports_an_error(svc):
     assert _versions(client, engines) == [None, None]
 
 
-def test_engine_dies_during_a_publish_fails_naming_it(svc):
+def test_a_dead_engine_is_refused_before_a_publish_starts(svc):
+    """Liveness is checked at submit: an engine whose actor died is `failed` and a publish naming it is a
+    409 on that engine (nothing joins, nothing moves; the others keep their version). An engine dying
+    *during* a publish is tests/e2e/test_publisher_e2e.py's (real Ray)."""
     client, hub, engines = svc
     pub = StandIn(client, hub)
+    before = _versions(client, engines)
     client.app.state.wsync.fleet.engines[engines[1]].actor.kill()
-    _, job = pub.publish(engines, "1", send=False)
-    assert job["state"] == "failed" and f"engine {engines[1]} died" in job["error"]
-    assert _versions(client, engines) == [None, None]
+    r, job = pub.publish(engines, "1", send=False)
+    assert job is None and r.status_code == 409, r.text
+    assert r.json()["error"]["field"] == "engine_ids.1"
+    assert _versions(client, engines)[0] == before[0]
 
 
 def test_publish_request_checks(svc):

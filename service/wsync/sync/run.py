@@ -180,8 +180,6 @@ def _sync_partition(fleet: Fleet, ctx: JobContext, kind: str, recs: list[EngineR
         if order.mode == "dense":
             updates = transport.dense_updates(call, trainer, name, dense, len(recs))
             send = transport.send_dense(trainer, name, dense)
-            updates = transport.dense_updates(call, trainer, name, dense, len(recs))
-            send = transport.send_dense(trainer, name, dense)
             recvs = [(r.id, r.actor.call("recv_dense", u)) for r, u in zip(recs, updates)]
         else:
             assert patch is not None
