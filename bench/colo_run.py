@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

@@ -11,11 +11,10 @@ import httpx
 
 from wsync.schemas import Health, JobInfo
 
-from ._core import (DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, APICall, BaseClient, Plan, backoff_delay, run_async,
-                    run_sync)
+from ._core import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, APICall, BaseClient, Plan, backoff_delay, run_async, run_sync
 from ._events import ServerEvent, SSEDecoder, events_call, finished, poll_as_events, should_reconnect, stream_request
-from .errors import APIConnectionError, NotFoundError, status_error_from_response
 from ._resources import Comparisons, Engines, Events, Jobs, Patches, Results, Sync, Trainer, bind_resources
+from .errors import APIConnectionError, NotFoundError, status_error_from_response
 
 T = TypeVar("T")
 _NOT_GIVEN: Any = object()

@@ -9,8 +9,9 @@ live here once; `Client` and `AsyncClient` only differ in how they read lines (s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from wsync.publish import Plan, PublishReport, is_publishing_rank
 from wsync.publish import Publisher as PublishCore
 from wsync.publish.names import NameHook

@@ -106,9 +106,8 @@ def _follow(args: argparse.Namespace, c: Client, job: JobInfo) -> JobInfo:
 def cmd_serve(args: argparse.Namespace, _: ClientFactory) -> int:
     import uvicorn
 
-    from .settings import get_settings
-
     from .api.auth import is_loopback
+    from .settings import get_settings
 
     settings = get_settings()
     host = args.host or settings.host

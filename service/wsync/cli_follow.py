@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from wsync_client import ServerEvent
 
@@ -39,7 +40,7 @@ class Display:
         self._task: Any = None
         self._last_state: str | None = None
 
-    def __enter__(self) -> "Display":
+    def __enter__(self) -> Display:
         if not self.json_mode and not self.follow and _is_tty(self.stream):
             from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -132,7 +132,6 @@ def test_delta_without_snapshot_is_refused(client, fleet):
 
 
 def test_dead_engine_answers_503(client, fleet):
-    import ray
 
     eid = client.post("/v1/engines", json={"kind": "reference"}).json()["id"]
     client.app.state.wsync.fleet.engines[eid].actor.kill()  # the engine process dies under us

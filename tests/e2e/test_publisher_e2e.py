@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from wsync.engines.hf import load_causal_lm
 from wsync.models import resolve_model
 from wsync.transfer.group import Rendezvous, free_port, open_group

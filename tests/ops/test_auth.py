@@ -8,9 +8,9 @@ import pytest
 from wsync import cli
 from wsync.api.auth import is_loopback
 from wsync_client import AuthenticationError, Client, PermissionDeniedError
+from wsync_client.local import free_port
 
 from .conftest import ThreadServer, make_app
-from wsync_client.local import free_port
 
 TOKEN = "s3cret-token"
 

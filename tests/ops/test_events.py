@@ -129,8 +129,9 @@ def test_async_client_streams_live_events(server):
 
 
 def test_cli_follow_json_prints_event_lines_then_the_job(server, capsys):
-    from wsync import cli
     import json as _json
+
+    from wsync import cli
 
     gate = threading.Event()
     job = _job(server, gate=gate)

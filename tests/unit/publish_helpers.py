@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+
 from wsync.transfer import Rendezvous, free_port, open_group
 from wsync.transfer.group import SyncGroup
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from bench import report, sync_bench
 from bench.proto import CheckError, build_sparse, check_equal, mutate, send_sparse_wire
 from bench.shapes import (
@@ -19,6 +18,7 @@ from bench.shapes import (
     runtime_patches,
     runtime_shapes,
 )
+
 from wsync.transfer.delta import diff_patches
 from wsync.transfer.sparse import apply_patch, send_sparse
 

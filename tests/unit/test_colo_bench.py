@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from bench.colo_bench import DENSITIES, KEYS, assemble, main, shape_result
 from bench.colo_run import mutate_patches
 

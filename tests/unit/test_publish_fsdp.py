@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from wsync.publish import Publisher, WeightSource
 from wsync.transfer import Rendezvous, free_port, open_group
 from wsync.transfer.dense import DenseReceiver, plan_buckets

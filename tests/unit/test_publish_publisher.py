@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+
 from wsync.publish import LayoutError, Publisher, PublishError
 from wsync.transfer.dense import DenseReceiver
 from wsync.transfer.fingerprint import fingerprint

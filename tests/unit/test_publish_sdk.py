@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import httpx
 import torch
+
 from wsync.transfer.dense import DenseReceiver
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.group import Rendezvous, open_group

@@ -12,13 +12,13 @@ import uuid
 
 import pytest
 import torch
-from wsync.transfer.fingerprint import fingerprint
-from wsync.transfer.meta import param_metas
-from wsync.transfer.sparse import SparsePatch
 
 from tests.fakes.app import fake_client, wait_job
 from tests.fakes.cores import baseline
 from tests.fakes.wire import Hub
+from wsync.transfer.fingerprint import fingerprint
+from wsync.transfer.meta import param_metas
+from wsync.transfer.sparse import SparsePatch
 
 
 @pytest.fixture

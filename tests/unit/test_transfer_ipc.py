@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+
 from wsync.transfer.encodings import SparsePatch
 from wsync.transfer.fingerprint import fingerprint
 from wsync.transfer.flat import flatten_params

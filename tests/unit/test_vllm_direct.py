@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from bench.shapes import SHAPES, Shape, fused_tensors, hf_metas, make_weights, runtime_layout
+
 from tests.fakes.fake_vllm import FakeWorker, _Embedding, run_pair
 from wsync.engines.vllm.detect import VLLMUnsupportedError
 from wsync.transfer.delta import diff_patches

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench.shapes import (
+    fused_tensors,
+    get_shape,
+    hf_metas,
+    make_weights,
+    runtime_layout,
+)
+
 from wsync.engines.vllm.detect import EXTENSION_QUALNAME as IPC_EXTENSION_QUALNAME
-from wsync.engines.vllm.ipc import IpcReceiveMixin
 from wsync.engines.vllm.worker import WsyncWorkerExtension as WsyncIpcWorkerExtension
 from wsync.transfer.encodings import SparsePatch
 from wsync.transfer.fingerprint import fingerprint
@@ -16,14 +23,6 @@ from wsync.transfer.ipc import IpcMapping, IpcStaleLayoutError
 from wsync.transfer.ipc_sparse import StagingMapping, staging_layout, write_staging
 from wsync.transfer.meta import param_metas
 from wsync.transfer.sparse import plan_sparse
-
-from bench.shapes import (
-    fused_tensors,
-    get_shape,
-    hf_metas,
-    make_weights,
-    runtime_layout,
-)
 
 from .test_transfer_ipc import GPU0, FakeIpc
 

@@ -12,7 +12,9 @@ from torch import nn
 
 from tests.fakes.vllm_modules import PatchA, PatchD, api_of, make_importer, ns
 from wsync.engines.contract import DenseUpdate, EngineCore, EngineDetails, SparseUpdate
-from wsync.engines.vllm import detect, engine as ve, trainer as vt
+from wsync.engines.vllm import detect
+from wsync.engines.vllm import engine as ve
+from wsync.engines.vllm import trainer as vt
 from wsync.engines.vllm.detect import M_BASE, M_COMMON, M_FACTORY, M_NCCL, M_SPARSE, VLLMUnsupportedError
 from wsync.engines.vllm.payloads import dense_update_info, sparse_update_info
 from wsync.engines.vllm.worker import WsyncWorkerExtension

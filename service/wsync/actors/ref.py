@@ -20,7 +20,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
-
 #: teardown calls: they run on a separate lane of the actor (Ray: the "control" concurrency group;
 #: LocalRef: a second thread), so they reach an actor whose main lane is stuck waiting on a peer
 CONTROL_METHODS = frozenset({"close_group", "leave_group"})

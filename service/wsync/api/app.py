@@ -19,8 +19,25 @@ from wsync.jobs.store import Store
 from wsync.settings import Settings, get_settings
 from wsync.sync.registry import Fleet
 
-from . import (auth, comparisons, dashboard, engines, errors, events, health, idempotency, jobs, metrics, openapi,
-               patches, results, rollouts, sync, trainer, trainers)
+from . import (
+    auth,
+    comparisons,
+    dashboard,
+    engines,
+    errors,
+    events,
+    health,
+    idempotency,
+    jobs,
+    metrics,
+    openapi,
+    patches,
+    results,
+    rollouts,
+    sync,
+    trainer,
+    trainers,
+)
 from .limits import BodySizeLimit
 
 log = logging.getLogger("wsync")

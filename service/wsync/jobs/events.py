@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from wsync.schemas import JobInfo, JobKind, JobState
@@ -78,7 +78,7 @@ class EventBus:
     # -- writing ------------------------------------------------------------------------------
     def publish(self, kind: str, data: dict[str, Any] | None = None, job_id: str | None = None) -> Event:
         with self._guard:
-            ev = Event(next(self._ids), kind, datetime.now(timezone.utc).isoformat(), dict(data or {}), job_id)
+            ev = Event(next(self._ids), kind, datetime.now(UTC).isoformat(), dict(data or {}), job_id)
             self._buf.append(ev)
             listeners, waiters = list(self._listeners), list(self._waiters)
         for fn in listeners:
@@ -132,7 +132,7 @@ class EventBus:
         try:
             await asyncio.wait_for(flag.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             with self._guard:

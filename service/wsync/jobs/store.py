@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from dataclasses import dataclass
-from datetime import timedelta
-from datetime import datetime, timezone
-from typing import Any
-
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError

@@ -3,8 +3,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from .common import REFERENCE_PROMPTS, ResponseModel, WireModel
-from .text import Text
 from .engines import EngineKind
+from .text import Text
 
 
 class ComparisonCreate(WireModel):

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from wsync.jobs.runner import JobContext
 from wsync.schemas import (
-    ComparisonCreate, ComparisonReport, EngineLaunch, EngineState, PatchKind, PatchPrepare, PhaseReport, Verdicts,
+    ComparisonCreate,
+    ComparisonReport,
+    EngineLaunch,
+    EngineState,
+    PatchKind,
+    PatchPrepare,
+    PhaseReport,
+    Verdicts,
 )
 
 from .checks import SyncOrder

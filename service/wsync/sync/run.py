@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from wsync.engines.contract import DenseUpdate, ReceiveReport, SparseUpdate
+from wsync.engines.contract import DenseUpdate, ReceiveReport
 from wsync.jobs.runner import JobCancelled, JobContext
 from wsync.schemas import EngineState, EngineSyncReport, PatchInfo, SyncReport
 from wsync.transfer.meta import TransferStats

@@ -161,7 +161,7 @@ def is_loopback(host: str) -> bool:
 def _make_pg(backend: str, store: Any, rank: int, world_size: int, timeout: timedelta, host: str = "") -> Any:
     if backend == "gloo":
         if is_loopback(host):  # gloo's pairs on loopback too (its default device binds the hostname's address)
-            opts = dist.ProcessGroupGloo._Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
             opts._timeout = timeout
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
             return dist.ProcessGroupGloo(store, rank, world_size, opts)
@@ -186,9 +186,9 @@ def open_group(rdv: Rendezvous, rank: int, device: torch.device | str | int | No
     timeout = timedelta(seconds=timeout_s)
     listener = _listen(rdv.host, rdv.port) if rank == 0 else None
     try:
+        extra: dict[str, Any] = {"master_listen_fd": listener.fileno()} if listener is not None else {}
         store = dist.TCPStore(rdv.host, rdv.port, rdv.world_size, is_master=(rank == 0), timeout=timeout,
-                              wait_for_workers=False,
-                              **({"master_listen_fd": listener.fileno()} if listener is not None else {}))
+                              wait_for_workers=False, **extra)
         prefixed = dist.PrefixStore(rdv.name, store)
         pg = _make_pg(rdv.backend, prefixed, rank, rdv.world_size, timeout, rdv.host)
     except BaseException:

@@ -243,7 +243,10 @@ def apply_flat(ranges: FlatRanges, staged: FlatStaged, chunk: int | None = None)
     starts = lay.starts
     cuts = list(range(0, n, chunk)) + [n]
     # host: per chunk, the metas it overlaps and their clipped counts; one upload for all of it
-    plan, counts, offs, nums = [], [], [], []
+    plan: list = []
+    counts: list[int] = []
+    offs: list[int] = []
+    nums: list[int] = []
     for a, b in zip(cuts, cuts[1:]):
         i0 = bisect.bisect_right(starts, a) - 1
         i1 = bisect.bisect_left(starts, b)

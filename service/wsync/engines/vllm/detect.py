@@ -13,8 +13,9 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 EXTENSION_QUALNAME = "wsync.engines.vllm.worker.WsyncWorkerExtension"
 WT = "vllm.distributed.weight_transfer"

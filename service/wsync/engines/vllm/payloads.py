@@ -4,7 +4,8 @@ payload byte counts. Inputs may be meta dicts, TensorMeta / SparseMeta objects o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from wsync.transfer.meta import dtype_name, torch_dtype
 

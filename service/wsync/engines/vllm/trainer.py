@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .comm import communicator_of, current_stream, device_sync
 from .detect import (
-    M_BASE, M_COMMON, M_FACTORY, M_NCCL, M_SPARSE, VLLMApi, VLLMUnsupportedError, _vllm, check_packed,
-    fields_of, receive_plan, require_installed,
+    M_BASE,
+    M_COMMON,
+    M_FACTORY,
+    M_NCCL,
+    M_SPARSE,
+    VLLMApi,
+    VLLMUnsupportedError,
+    _vllm,
+    check_packed,
+    fields_of,
+    receive_plan,
+    require_installed,
 )
 from .payloads import shape_of
 
