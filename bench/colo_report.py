@@ -44,8 +44,7 @@ runtime fingerprints must equal the trainer's weights laid out as vLLM holds the
   stream sync (`ready`); one `collective_rpc` (`rpc`) whose worker range-checks every index (one host
   sync; nothing written when one is out of range) and writes with one `index_copy_` per chunk of 2^25
   indices into the engine's flat runtime buffer (`engine.prep_ms` / `apply_ms` / `ms` in the raw JSON).
-  The trainer's diff is not timed (the trainer step produces the patches). This is the bench's path: the
-  service's `cuda_ipc` sparse job still plans and encodes per tensor (`encoding` `auto`).
+  The trainer's diff is not timed (the trainer step produces the patches).
 - **engine flattening** (once, at map time, not timed in any sync; reported below): vLLM's runtime
   parameters are repointed into one flat buffer per dtype (`wsync_ipc_flatten`: needs `enforce_eager`,
   no sleep mode), so the flat sparse apply is one scatter per dtype and chunk, whatever the tensor count.

@@ -186,7 +186,9 @@ class FakeTrainer:
             sid = f"s-{group}-{rank}"
             self.hub.shared[sid] = [SparsePatch(p.name, p.indices.clone(), p.values.clone())
                                     for p in self.patches[patch_id]]
-            out[rank] = IpcSparse(sid, {"staging_id": sid} if sess["staging"] != sid else None)
+            flat = [[p.name, "float32", list(self.params[p.name].shape), int(p.indices.numel())]
+                    for p in self.patches[patch_id]]  # as the real trainer: the flat format (ipc_flat)
+            out[rank] = IpcSparse(sid, {"staging_id": sid} if sess["staging"] != sid else None, "ipc_flat", flat)
             sess["staging"] = sid
         return out
 

@@ -219,7 +219,9 @@ class _IpcLLM:
         self.calls.append((method, args))
         return [{"wsync_direct_unsupported": None, "wsync_param_metas": [],
                  "wsync_ipc_dense": {"bytes": 64, "copies": 1, "copy_ms": 0.1},
-                 "wsync_ipc_sparse": {"elements": 3, "ms": 0.1}}.get(method)]
+                 "wsync_ipc_map": {"flatten": {"flattened": False, "reason": "needs enforce_eager=True"}},
+                 "wsync_ipc_sparse": {"elements": 3, "ms": 0.1},
+                 "wsync_ipc_sparse_flat": {"elements": 3, "scatters": 1, "ms": 0.1}}.get(method)]
 
     def __getattr__(self, name):  # reset_prefix_cache, sleep, wake_up, ...
         if name.startswith("_"):
@@ -241,7 +243,8 @@ def test_vllm_engine_cuda_ipc_call_sequence(monkeypatch):
     assert eng.transports() == ["cuda_ipc", "vllm_native"]
     llm = eng.llm
     eng.join_group({"name": "g", "world_size": 2, "exports": {"1": {"export_id": "e1"}}}, 1, "cuda_ipc")
-    assert llm.calls[-1] == ("wsync_ipc_map", ({"export_id": "e1"},))
+    assert llm.calls[-1] == ("wsync_ipc_map", ({"export_id": "e1"}, 1 << 28, True))  # flatten where allowed
+    assert eng.ready().extra["ipc_flatten"] == "needs enforce_eager=True"  # the worker's refusal, reported
     eng.prepare_sync(DenseUpdate([], 1024))  # nothing to build: the map came with the export
     llm.calls.clear()
     got = eng.recv_dense(DenseUpdate([], 1024, ipc=IpcDense("e1")))
@@ -252,10 +255,14 @@ def test_vllm_engine_cuda_ipc_call_sequence(monkeypatch):
     assert llm.calls[1][1] == ("e2",)
     llm.calls.clear()
     meta = SparseMeta("model.embed_tokens.weight", "bfloat16", [10, 4], 3, "flat_int32", 18)
-    out = eng.recv_sparse(SparseUpdate([meta], ipc=IpcSparse("s1", {"staging_id": "s1"})))
-    assert [c[0] for c in llm.calls] == ["wsync_ipc_map_staging", "wsync_ipc_sparse", "reset_prefix_cache"]
-    assert llm.calls[1][1][0] == "s1" and llm.calls[1][1][1][0]["name"] == "model.embed_tokens.weight"
-    assert out.elements == 3
+    flat = [["model.embed_tokens.weight", "bfloat16", [10, 4], 3]]
+    out = eng.recv_sparse(SparseUpdate([meta], ipc=IpcSparse("s1", {"staging_id": "s1"}, "ipc_flat", flat)))
+    assert [c[0] for c in llm.calls] == ["wsync_ipc_map_staging", "wsync_ipc_sparse_flat", "reset_prefix_cache"]
+    assert llm.calls[1][1] == ("s1", flat) and out.elements == 3 and out.extra["ipc_format"] == "ipc_flat"
+    llm.calls.clear()  # an update without the flat marker: the encoded per-tensor stream
+    out = eng.recv_sparse(SparseUpdate([meta], ipc=IpcSparse("s1")))
+    assert [c[0] for c in llm.calls] == ["wsync_ipc_sparse", "reset_prefix_cache"]
+    assert llm.calls[0][1][0] == "s1" and llm.calls[0][1][1][0]["name"] == "model.embed_tokens.weight"
     with pytest.raises(ve.VLLMEngineError, match="ipc field"):
         eng.recv_dense(DenseUpdate([], 1024))
     llm.calls.clear()

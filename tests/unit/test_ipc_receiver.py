@@ -96,16 +96,12 @@ class _Trainer:
         self.ipc_close(name)
 
 
-def test_trainer_sessions_to_receiver_end_to_end_on_cpu(monkeypatch):
-    """TrainerIpcMixin (actors/trainer_ipc.py) -> plain data -> IpcReceiver, CUDA faked: the export goes
-    once, again only after a reload; the staging export goes once; a foreign GPU is refused; close drops
-    every session."""
+def ipc_trainer(monkeypatch, fake: FakeIpc, params):
+    """A REAL TrainerIpcMixin (actors/trainer_ipc.py) over ``params``, CUDA faked: exports and the staging
+    buffer are shared through ``fake`` (their "opened" storage is the trainer's own)."""
     import wsync.actors.trainer_ipc as ti
     import wsync.transfer.ipc as ipc
     import wsync.transfer.ipc_sparse as ips
-    from wsync.transfer.ipc import IpcDeviceError
-
-    fake = FakeIpc()
 
     class Exporter:
         def __init__(self, params):
@@ -137,7 +133,21 @@ def test_trainer_sessions_to_receiver_end_to_end_on_cpu(monkeypatch):
     class T(ti.TrainerIpcMixin, _Trainer):
         pass
 
-    trainer = T(flat_model(seed=1))
+    return T(params)
+
+
+def test_trainer_sessions_to_receiver_end_to_end_on_cpu(monkeypatch):
+    """TrainerIpcMixin (actors/trainer_ipc.py) -> plain data -> IpcReceiver, CUDA faked: the export goes
+    once, again only after a reload; the staging export goes once; sparse syncs are written and applied
+    in the flat format (ipc_flat) with a truthful payload; a foreign GPU is refused; close drops every
+    session."""
+    from wsync.engines.contract import IPC_FLAT
+    from wsync.transfer.ipc import IpcDeviceError
+    from wsync.transfer.ipc_flat import flat_layout, flat_metas
+    from wsync.transfer.sparse import payload_bytes
+
+    fake = FakeIpc()
+    trainer = ipc_trainer(monkeypatch, fake, flat_model(seed=1))
     engine = flat_model(seed=2)
     rx = _receiver(fake)
     with pytest.raises(IpcDeviceError, match="same physical GPU"):
@@ -158,13 +168,46 @@ def test_trainer_sessions_to_receiver_end_to_end_on_cpu(monkeypatch):
     assert trainer.ipc_dense_ready("g")[1].export is None
 
     specs = {m.name: m for m in param_metas(trainer.params.items())}
+    shapes = {n: t.shape for n, t in trainer.params.items()}
     for i in range(2):
-        trainer.held[f"p{i}"] = _patches(trainer.params, 0.02, seed=10 + i)
-        metas = plan_sparse(trainer.held[f"p{i}"], specs, "auto", trainer.params)
+        patches = trainer.held[f"p{i}"] = _patches(trainer.params, 0.02, seed=10 + i)
+        metas = plan_sparse(patches, specs, "auto", trainer.params)
         got = trainer.ipc_sparse_write("g", f"p{i}", metas)
         assert (got[1].staging is not None) == (i == 0)  # the staging buffer is sent once
-        rx.sparse(got[1], metas, engine)
+        assert got[1].fmt == IPC_FLAT  # the flat format, its metas as plain lists
+        assert got[1].flat == [m.to_list() for m in flat_metas(patches, shapes)]
+        sent = trainer.ipc_sent("g")
+        assert sent.bytes == payload_bytes(patches) == sum(p.count * (4 + p.values.element_size()) for p in patches)
+        assert sent.wire_bytes == flat_layout(flat_metas(patches, shapes)).total
+        assert rx.sparse(got[1], metas, engine) == sum(p.count for p in patches)
         assert fingerprint(engine) == fingerprint(trainer.params)
     trainer.close_group("g")
     assert trainer.groups == {}
+    rx.close()
+
+
+def test_flat_sparse_bad_index_and_per_tensor_fallback(monkeypatch):
+    """The reference receive of a flat sync: an index out of range is refused with nothing applied;
+    a target that cannot be addressed flat (not contiguous) still gets the sync, per tensor from the
+    same staged views."""
+    fake = FakeIpc()
+    trainer = ipc_trainer(monkeypatch, fake, flat_model(seed=1))
+    rx = _receiver(fake)
+    rx.join({"exports": {"1": trainer.ipc_open("g", 1, GPU0)}}, 1)
+    engine = flat_model(seed=1)  # equal to the trainer
+    name = next(n for n, t in engine.items() if t.dim() == 2)
+    trainer.held["bad"] = [SparsePatch(name, torch.tensor([0, trainer.params[name].numel()], dtype=torch.int32),
+                                       torch.ones(2, dtype=trainer.params[name].dtype))]
+    got = trainer.ipc_sparse_write("g", "bad", [])
+    before = fingerprint(engine)
+    with pytest.raises(IpcError, match="out of range"):
+        rx.sparse(got[1], [], engine)
+    assert fingerprint(engine) == before
+
+    engine[name] = engine[name].t().contiguous().t()  # same values, not contiguous: flat impossible
+    assert not engine[name].is_contiguous()
+    patches = trainer.held["p"] = _patches(trainer.params, 0.05, seed=3)
+    got = trainer.ipc_sparse_write("g", "p", [])
+    assert rx.sparse(got[1], [], engine) == sum(p.count for p in patches)
+    assert fingerprint(engine) == fingerprint(trainer.params)
     rx.close()

@@ -222,3 +222,33 @@ def test_repointed_params_behind_the_maps_back_rebuild_it(setup):
     worker.wsync_ipc_flatten()  # no map rebuild asked for by the caller: the data_ptr check catches it
     worker.wsync_ipc_dense(exp.export_id)
     assert worker.wsync_fingerprint() == expected()
+
+
+def test_service_trainer_flat_sparse_into_flattened_worker(setup, monkeypatch):
+    """The service's cuda_ipc sparse path end to end on CPU: the REAL trainer side
+    (actors/trainer_ipc.ipc_sparse_write) writes the flat format and the worker applies exactly what it
+    sent with wsync_ipc_sparse_flat (the vLLM engine's call for an IPC_FLAT update): one scatter per
+    dtype into the flattened runtime parameters, equal to the trainer."""
+    from wsync.engines.contract import IPC_FLAT
+    from wsync.transfer.sparse import payload_bytes
+
+    from .test_ipc_receiver import ipc_trainer
+    from .test_transfer_ipc import _patches
+
+    worker, fake, weights, expected = setup
+    trainer = ipc_trainer(monkeypatch, fake, weights)
+    export = trainer.ipc_open("g", 1, GPU0)
+    got = worker.wsync_ipc_map(export, 1 << 20, True)
+    assert got["flatten"]["flattened"], got["flatten"]
+    worker.wsync_ipc_dense(trainer.ipc_dense_ready("g")[1].export_id)
+    assert worker.wsync_fingerprint() == expected()
+    for i in range(2):
+        patches = trainer.held[f"p{i}"] = _patches(weights, 0.03, seed=20 + i)
+        ipc = trainer.ipc_sparse_write("g", f"p{i}", [])[1]
+        assert ipc.fmt == IPC_FLAT and trainer.ipc_sent("g").bytes == payload_bytes(patches)
+        if ipc.staging is not None:
+            worker.wsync_ipc_map_staging(ipc.staging)
+        out = worker.wsync_ipc_sparse_flat(ipc.staging_id, ipc.flat)
+        assert out["scatters"] == 1 and out["elements"] == sum(p.count for p in patches)
+        assert worker.wsync_fingerprint() == expected()
+    trainer.close_group("g")

@@ -8,7 +8,8 @@ One exporter per engine (torch counts each export once). Call order per sync, dr
   ipc_open(group, rank, engine_uuid) -> export dict   once per session (the engine maps it at join)
   ipc_dense_ready(group) -> {rank: IpcDense}          re-export only when the layout/buffers changed
                                                       (a reload, a reset), then one stream sync
-  ipc_sparse_write(group, patch_id, metas) -> {rank: IpcSparse}   write the staging, one stream sync
+  ipc_sparse_write(group, patch_id, metas) -> {rank: IpcSparse}   write the staging (flat format,
+                                                      transfer/ipc_flat.py), one stream sync
   ipc_sent(group) -> TransferStats                    what the last ready/write moved
   close_group(group) -> ipc_close(group)              drop the exports and staging, ipc_collect
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wsync.engines.contract import IpcDense, IpcSparse, normalize_gpu_uuid
+from wsync.engines.contract import IPC_FLAT, IpcDense, IpcSparse, normalize_gpu_uuid
 from wsync.transfer.meta import TransferStats
 from wsync.transfer.sparse import SparseMeta, payload_bytes
 
@@ -131,17 +132,26 @@ class TrainerIpcMixin:
         return out
 
     def ipc_sparse_write(self, group: str, patch_id: str, metas: list[SparseMeta]) -> dict[int, IpcSparse]:
-        """Write the held patch, encoded as ``metas`` plan it, into every session's staging buffer
-        (grown and re-exported only when too small), then one stream sync."""
+        """Write the held patch into every session's staging buffer in the flat format
+        (transfer/ipc_flat.py: no planning, no encoding, a handful of kernels; grown and re-exported only
+        when too small), then one stream sync. Engines get the flat metas (plain lists) with the staging
+        id. ``metas`` (the sync layer's plan) only describe the sync for its report and the engines'
+        checks; the payload recorded is the patch's indices + values (transfer.sparse.payload_bytes), the
+        wire the flat bytes written."""
         t0 = time.perf_counter()
-        patches, params = self._patch(patch_id), self._current_params(patch_id)
+        patches = self._patch(patch_id)
+        missing = [p.name for p in patches if p.name not in self.params]
+        if missing:
+            raise TrainerIpcError(f"patch {patch_id} names tensors the trainer does not hold: {missing[:3]}")
+        shapes = {p.name: tuple(self.params[p.name].shape) for p in patches}
         out: dict[int, IpcSparse] = {}
         wire = 0
         for rank, session in self._sessions(group).items():
-            wire, grew = session.staging.write(list(metas), patches, params)
+            flat, wire, grew = session.staging.write_flat(patches, shapes)
             export = session.staging.export()
             changed = grew or export["staging_id"] != session.sent_staging
-            out[rank] = IpcSparse(export["staging_id"], dict(export) if changed else None)
+            out[rank] = IpcSparse(export["staging_id"], dict(export) if changed else None, IPC_FLAT,
+                                  [m.to_list() for m in flat])
             session.sent_staging = export["staging_id"]
         self._ipc_ready(group)
         stats = TransferStats(bytes=payload_bytes(patches), wire_bytes=wire, ms=(time.perf_counter() - t0) * 1e3,

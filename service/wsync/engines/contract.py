@@ -55,13 +55,22 @@ class IpcDense:
     export: dict | None = None
 
 
+IPC_STAGED = "staged"
+IPC_FLAT = "ipc_flat"  # = transfer.ipc_flat.FLAT_IPC
+
+
 @dataclass
 class IpcSparse:
-    """One sparse sync over "cuda_ipc": the trainer wrote the stream into staging ``staging_id``
-    (transfer.ipc_sparse layout); ``staging`` (IpcStaging.export()) only when the buffer is new."""
+    """One sparse sync over "cuda_ipc": the trainer wrote it into staging ``staging_id``; ``staging``
+    (IpcStaging.export()) only when the buffer is new. ``fmt``: IPC_FLAT (what the service's trainer
+    writes: transfer/ipc_flat.py layout, ``flat`` = its metas as plain lists [name, dtype, shape, count]
+    in flat order) or IPC_STAGED (the per-tensor encoded stream of transfer/ipc_sparse.py described by
+    the update's SparseMetas; kept for a sender that stages encoded streams, the service does not)."""
 
     staging_id: str
     staging: dict | None = None
+    fmt: str = "staged"
+    flat: list | None = None
 
 
 @dataclass

@@ -5,8 +5,10 @@ tensors in this process (the reference engine; vLLM's worker has its own, engine
 - dense: maps a new export when the update carries one, checks the update names the mapped export
   (transfer.ipc.IpcStaleLayoutError otherwise: no byte moves), then runs the planned device copies
   (identical layouts: one copy per bucket) and synchronizes once;
-- sparse: maps the staging buffer when new, decodes the staged stream on the GPU, checks every index
-  is in range (nothing is applied when one is not), scatters, synchronizes once.
+- sparse: maps the staging buffer when new; the flat format (transfer/ipc_flat.py, what the service's
+  trainer writes): one range check, one scatter per dtype run (``apply_flat_to``); the older encoded
+  stream: decode on the GPU, range check, scatter per tensor. Nothing is applied when an index is out of
+  range; synchronizes once.
 ``close()`` drops every view of the trainer's memory (torch then closes the handles)."""
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import torch
 
 from wsync.transfer.apply import apply_patches
 from wsync.transfer.ipc import IpcError, IpcMapping
-from wsync.transfer.ipc_sparse import StagingMapping, in_range
+from wsync.transfer.ipc_sparse import StagingMapping, apply_flat_to, in_range
 from wsync.transfer.sparse import SparseMeta
 
-from .contract import IpcDense, IpcSparse
+from .contract import IPC_FLAT, IpcDense, IpcSparse
 
 
 class IpcReceiver:
@@ -48,11 +50,23 @@ class IpcReceiver:
         return plan.bytes, plan.copies
 
     def sparse(self, ipc: IpcSparse, metas: Sequence[SparseMeta], targets: Mapping[str, torch.Tensor]) -> int:
-        """One sparse sync into ``targets``; returns the elements applied."""
+        """One sparse sync into ``targets``; returns the elements applied. The flat format (what the
+        service's trainer writes) goes through transfer.ipc_sparse.apply_flat_to (one scatter per dtype
+        run; per tensor from the same views only where a target cannot be addressed flat); an update
+        without the flat marker is the encoded per-tensor stream described by ``metas``."""
         if ipc.staging is not None:
             self.staging.ensure(ipc.staging)
         self.mapping.wait_ready()
-        with torch.no_grad():
+        if ipc.fmt == IPC_FLAT:
+            staged = self.staging.flat(ipc.staging_id, ipc.flat or [])
+            try:
+                with torch.no_grad():
+                    out = apply_flat_to(targets, staged)
+            except ValueError as e:
+                raise IpcError(f"cuda_ipc sparse: {e}") from e
+            _sync(self.device)
+            return int(out["elements"])
+        with torch.no_grad():  # the encoded stream (ipc_sparse staging layout): decode, check, scatter
             patches = self.staging.patches(ipc.staging_id, list(metas))
             live = [p for p in patches if p.count]
             if live and not in_range(live, [targets[p.name].numel() for p in live]):

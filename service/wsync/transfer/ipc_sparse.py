@@ -15,6 +15,8 @@ engine returned (decoded values may alias the staging buffer until they are appl
 Flat format ("ipc_flat", transfer/ipc_flat.py): `IpcStaging.write_flat(patches, shapes)` (no planning,
 no encoding, a handful of kernels, no host sync) and `StagingMapping.flat(staging_id, metas)` (views) feed
 `ipc_flat.apply_flat`, one scatter per dtype run whatever the tensor count; same buffer, same staging id.
+The service's cuda_ipc sparse syncs use the flat format (`apply_flat_to`: per tensor from the same views
+only where an engine's target cannot be addressed flat); the encoded stream above stays for other senders.
 
 The buffer grows (x1.5, 2 MiB granules) only when a sync does not fit; growing re-exports it under a new
 `staging_id`, and the engine refuses a sync naming another id (`IpcStaleLayoutError`).
@@ -38,10 +40,12 @@ from .ipc import (
     open_storage,
     share_storage,
 )
-from .ipc_flat import FlatMeta, FlatStaged, flat_layout, flat_metas, read_flat, write_flat
+from .ipc_flat import FlatMeta, FlatStaged, apply_flat, flat_layout, flat_metas, flat_ranges, read_flat, write_flat
+from .meta import dtype_name
 from .sparse import pack_stream, stream_layout
 
-__all__ = ["IpcStaging", "StagingMapping", "in_range", "read_staging", "staging_layout", "write_staging"]
+__all__ = ["IpcStaging", "StagingMapping", "apply_flat_to", "flat_patches", "in_range", "read_staging",
+           "staging_layout", "write_staging"]
 ALIGN = 8
 GRANULE = 2 << 20
 
@@ -127,6 +131,41 @@ def in_range(patches: Sequence[SparsePatch], numels: Sequence[int]) -> bool:
     lo = torch.cat(idx).min().long()
     limit = torch.tensor([n for _, n in live], dtype=torch.int64, device=hi.device)
     return bool((hi < limit).all() & (lo >= 0))
+
+
+def flat_patches(staged: FlatStaged) -> list[SparsePatch]:
+    """Per-tensor views of a flat sync (aliasing the buffer; no kernel)."""
+    lay, out = staged.layout, []
+    for i, m in enumerate(staged.metas):
+        a, b, first = lay.starts[i], lay.starts[i + 1], lay.values[m.dtype][2]
+        out.append(SparsePatch(m.name, staged.indices[a:b], staged.values[m.dtype][a - first:b - first]))
+    return out
+
+
+def apply_flat_to(targets: Mapping[str, torch.Tensor], staged: FlatStaged) -> dict:
+    """Apply a flat sync (ipc_flat) into ``targets`` (name -> tensor; every meta must name one of its dtype
+    and numel, else ValueError before any write). ``ipc_flat.apply_flat`` over the named targets; the only
+    case where that flat scatter is impossible is a target that cannot be addressed as (storage, element
+    offset) -- not contiguous, or misaligned -- and then the sync goes per tensor from the same views
+    (``apply.apply_patches``), after the same all-or-nothing range check. ValueError on a bad index,
+    nothing written. Not synchronized. Returns apply_flat's counts (+ "per_tensor")."""
+    from .apply import apply_patches
+
+    sub = {}
+    for m in staged.metas:
+        t = targets.get(m.name)
+        if t is None or dtype_name(t.dtype) != m.dtype or t.numel() != m.numel:
+            raise ValueError(f"{m.name}: not a target of {m.dtype} with {m.numel} elements")
+        sub[m.name] = t
+    try:
+        ranges = flat_ranges(sub)
+    except ValueError:  # flat impossible for this engine's tensors: per tensor, same staged bytes
+        live = [p for p in flat_patches(staged) if p.count]
+        if live and not in_range(live, [sub[p.name].numel() for p in live]):
+            raise ValueError("sparse index out of range; nothing was applied") from None
+        apply_patches(sub, live)
+        return {"elements": staged.layout.count, "scatters": len(live), "chunks": 0, "per_tensor": True}
+    return {**apply_flat(ranges, staged), "per_tensor": False}
 
 
 class IpcStaging:

@@ -45,7 +45,7 @@ import os
 import time
 from pathlib import Path
 
-from wsync.engines.contract import DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
+from wsync.engines.contract import IPC_FLAT, DenseUpdate, EngineDetails, ReceiveReport, SparseUpdate
 from wsync.transfer.group import backend_for
 from wsync.transfer.meta import TensorMeta, dtype_name
 
@@ -186,6 +186,7 @@ class VLLMEngineCore:
         # CUDA IPC (a trainer on this GPU) goes through the worker's name-and-slice map, on either route
         self.ipc_note = "not on CUDA" if device != "cuda" else unsupported
         self.transport: str | None = None  # the transport of the group joined, None outside one
+        self.ipc_flatten: dict | None = None  # the worker's flatten report at the last cuda_ipc map
         self.paused = False
         self._map_key: tuple | None = None
         self._runtime_metas: list[TensorMeta] | None = None
@@ -196,7 +197,9 @@ class VLLMEngineCore:
                  "weight_transfer_backend": self.api.sparse_backend, "route": self.route,
                  **({"receive": dict(self.plan)} if self.route == "native" else {}),
                  **({"route_note": self.route_note} if self.route_note else {}),
-                 **({"cuda_ipc_note": self.ipc_note} if self.ipc_note and self.device == "cuda" else {})}
+                 **({"cuda_ipc_note": self.ipc_note} if self.ipc_note and self.device == "cuda" else {}),
+                 **({"ipc_flatten": "flattened" if self.ipc_flatten.get("flattened") else
+                     str(self.ipc_flatten.get("reason"))} if self.ipc_flatten else {})}
         return EngineDetails(kind=self.kind, model=self.model_name, device=self.device,
                              num_tensors=len(self.param_metas()), transports=self.transports(),
                              gpu_uuid=gpu_uuid() if self.device == "cuda" else None, extra=extra)
@@ -281,7 +284,7 @@ class VLLMEngineCore:
             export = (rendezvous.get("exports") or {}).get(str(rank))
             if export is None:
                 raise VLLMEngineError(f"cuda_ipc rendezvous carries no export for rank {rank}")
-            llm.collective_rpc("wsync_ipc_map", args=(export,))  # raises IpcDeviceError from another GPU
+            self._ipc_map(llm, export)  # raises IpcDeviceError from another GPU
         elif transport == NATIVE:
             llm.init_weight_transfer_engine({"init_info": init_info(
                 rendezvous["host"], int(rendezvous["port"]), int(rendezvous["world_size"]), rank_offset=int(rank))})
@@ -349,20 +352,35 @@ class VLLMEngineCore:
             raise VLLMEngineError("a cuda_ipc dense sync needs the update's ipc field (the trainer's export id)")
         t0 = time.perf_counter()
         if ipc.export is not None:  # the trainer re-exported (new layout or buffers): map it before copying
-            llm.collective_rpc("wsync_ipc_map", args=(ipc.export,))
+            self._ipc_map(llm, ipc.export)
         got = llm.collective_rpc("wsync_ipc_dense", args=(ipc.export_id,))[0]
         return self._report(t0, int(got["bytes"]), messages=int(got.get("copies", 0)),
                             copy_ms=float(got.get("copy_ms", 0.0)))
 
+    def _ipc_map(self, llm, export: dict) -> None:
+        """Map the trainer's export and flatten the runtime parameters (one buffer per dtype) where the
+        worker allows it (it refuses with a reason -- CUDA graphs, sleep mode, TP>1 -- and changes
+        nothing; flat sparse syncs then scatter per runtime view). ``ipc_flatten``: its report."""
+        from .ipc import DEFAULT_BUCKET_BYTES
+
+        got = llm.collective_rpc("wsync_ipc_map", args=(export, DEFAULT_BUCKET_BYTES, True))[0]
+        self.ipc_flatten = (got or {}).get("flatten")
+
     def _recv_sparse_ipc(self, llm, update: SparseUpdate, nbytes: int) -> ReceiveReport:
+        """The flat format (what the service's trainer writes) -> wsync_ipc_sparse_flat; an update
+        without the flat marker (an encoded per-tensor stream) -> wsync_ipc_sparse."""
         ipc = update.ipc
         if ipc is None:
             raise VLLMEngineError("a cuda_ipc sparse sync needs the update's ipc field (the staging id)")
         t0 = time.perf_counter()
         if ipc.staging is not None:
             llm.collective_rpc("wsync_ipc_map_staging", args=(ipc.staging,))
-        got = llm.collective_rpc("wsync_ipc_sparse", args=(ipc.staging_id, [_as_dict(m) for m in update.metas]))[0]
-        return self._report(t0, nbytes, elements=int(got.get("elements", 0)), apply_ms=float(got.get("ms", 0.0)))
+        if ipc.fmt == IPC_FLAT:
+            got = llm.collective_rpc("wsync_ipc_sparse_flat", args=(ipc.staging_id, list(ipc.flat or [])))[0]
+        else:
+            got = llm.collective_rpc("wsync_ipc_sparse", args=(ipc.staging_id, [_as_dict(m) for m in update.metas]))[0]
+        return self._report(t0, nbytes, elements=int(got.get("elements", 0)), apply_ms=float(got.get("ms", 0.0)),
+                            ipc_format=ipc.fmt)
 
     # ---- helpers ------------------------------------------------------------------------
     def _require_llm(self):
