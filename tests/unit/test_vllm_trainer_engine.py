@@ -14,6 +14,7 @@ from tests.fakes.vllm_modules import PatchA, PatchD, api_of, make_importer, ns
 from wsync.engines.contract import DenseUpdate, EngineCore, EngineDetails, SparseUpdate
 from wsync.engines.vllm import detect
 from wsync.engines.vllm import engine as ve
+from wsync.engines.vllm import llm as vllm_llm
 from wsync.engines.vllm import trainer as vt
 from wsync.engines.vllm.detect import M_BASE, M_COMMON, M_FACTORY, M_NCCL, M_SPARSE, VLLMUnsupportedError
 from wsync.engines.vllm.payloads import dense_update_info, sparse_update_info
@@ -287,7 +288,9 @@ def engine_factory(monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     modules = {"vllm": ns("vllm", SamplingParams=lambda **k: ("sp", k)),
                "vllm.config": ns("c", WeightTransferConfig=lambda backend: ("wtc", backend))}
-    monkeypatch.setattr(ve, "_vllm", make_importer(modules))
+    _imp = make_importer(modules)
+    monkeypatch.setattr(ve, "_vllm", _imp, raising=False)
+    monkeypatch.setattr(vllm_llm, "_vllm", _imp)
     monkeypatch.setattr("wsync.engines.vllm.payloads._vllm", make_importer(modules))
     monkeypatch.setattr(ve, "create_llm", lambda model, **kw: FakeLLM(model, **kw))
 
