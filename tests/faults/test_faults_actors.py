@@ -106,7 +106,7 @@ def test_engine_killed_during_the_transfer_fails_the_job_naming_it_and_the_other
         assert f"{b} committed {version}" in job["error"], job["error"]
         outcomes = [ev for ev in job["events"] if ev["message"] == "per-engine outcomes"]
         assert outcomes, job["events"]
-        by_id = {o["engine_id"]: o for o in outcomes[-1]["data"]["engines"]}
+        by_id = {o["engine_id"]: o for o in outcomes[-1]["engines"]}
         assert by_id[a]["outcome"] == "failed" and by_id[a]["version"] is None
         assert by_id[a]["cause"].startswith("transfer:")
         assert by_id[b]["outcome"] == "committed" and by_id[b]["version"] == version
