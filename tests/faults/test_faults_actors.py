@@ -57,13 +57,19 @@ def synced(client, engine_ids, **kw) -> dict:
     return job
 
 
+@pytest.fixture(scope="module")
+def healthy(client) -> str:
+    """The engine every test expects to keep syncing (one for the module: launches cost seconds)."""
+    return launch_engines(client, 1, "healthy")[0]
+
+
 def cleanup(client, engine_ids) -> None:
     for e in engine_ids:
         client.delete(f"/v1/engines/{e}")
 
 
-def test_engine_killed_before_a_sync_is_refused_naming_it_and_the_other_still_syncs(client):
-    a, b = launch_engines(client, 2, "before")
+def test_engine_killed_before_a_sync_is_refused_naming_it_and_the_other_still_syncs(client, healthy):
+    (a,), b = launch_engines(client, 1, "before"), healthy
     try:
         before = counts(client)
         kill9(engine_pid(client, a))
@@ -85,11 +91,11 @@ def test_engine_killed_before_a_sync_is_refused_naming_it_and_the_other_still_sy
         after = counts(client)
         assert after[0] == before[0] + 1 and after[1] >= before[1] + 1  # one new result, nothing lost
     finally:
-        cleanup(client, [a, b])
+        cleanup(client, [a])
 
 
-def test_engine_killed_during_the_transfer_fails_the_job_naming_it_and_the_other_commits(client):
-    a, b = launch_engines(client, 2, "during")
+def test_engine_killed_during_the_transfer_fails_the_job_naming_it_and_the_other_commits(client, healthy):
+    (a,), b = launch_engines(client, 1, "during"), healthy
     try:
         synced(client, [a, b])  # opens the group: the next sync goes straight to pause/prepare/transfer
         before = counts(client)
@@ -118,11 +124,11 @@ def test_engine_killed_during_the_transfer_fails_the_job_naming_it_and_the_other
         after = counts(client)
         assert after[0] == before[0] + 1 and after[1] >= before[1] + 2
     finally:
-        cleanup(client, [a, b])
+        cleanup(client, [a])
 
 
-def test_engine_killed_after_the_transfer_keeps_the_result_and_the_other_syncs(client):
-    a, b = launch_engines(client, 2, "after")
+def test_engine_killed_after_the_transfer_keeps_the_result_and_the_other_syncs(client, healthy):
+    (a,), b = launch_engines(client, 1, "after"), healthy
     try:
         version = move_trainer(client, 14)
         job = synced(client, [a, b])
@@ -141,11 +147,11 @@ def test_engine_killed_after_the_transfer_keeps_the_result_and_the_other_syncs(c
         after = counts(client)
         assert after[0] == before[0] + 1 and after[1] >= before[1] + 1
     finally:
-        cleanup(client, [a, b])
+        cleanup(client, [a])
 
 
-def test_an_engine_that_never_joins_fails_the_job_in_bounds_and_does_not_block_the_healthy_one(client):
-    a, b = launch_engines(client, 2, "stuck")
+def test_an_engine_that_never_joins_fails_the_job_in_bounds_and_does_not_block_the_healthy_one(client, healthy):
+    (a,), b = launch_engines(client, 1, "stuck"), healthy
     pid = engine_pid(client, a)
     try:
         before = counts(client)
@@ -168,12 +174,12 @@ def test_an_engine_that_never_joins_fails_the_job_in_bounds_and_does_not_block_t
         assert after[0] == before[0] + 1 and after[1] >= before[1] + 2
     finally:
         os.kill(pid, signal.SIGCONT)
-        cleanup(client, [a, b])
+        cleanup(client, [a])
 
 
-def test_trainer_killed_mid_send_fails_the_job_naming_it_and_versions_become_unknown(client):
+def test_trainer_killed_mid_send_fails_the_job_naming_it_and_versions_become_unknown(client, healthy):
     """Runs last in this module: the trainer is gone afterwards."""
-    a, b = launch_engines(client, 2, "orphan")
+    (a,), b = launch_engines(client, 1, "orphan"), healthy
     try:
         synced(client, [a, b])
         before = counts(client)
@@ -190,4 +196,18 @@ def test_trainer_killed_mid_send_fails_the_job_naming_it_and_versions_become_unk
         assert after[0] == before[0] and after[1] >= before[1] + 1
         assert [j["id"] for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"]].count(job_id) == 1
     finally:
-        cleanup(client, [a, b])
+        cleanup(client, [a])
+
+
+def test_after_the_trainer_died_a_reload_lets_the_surviving_engines_sync_again(client, healthy):
+    """Follows the trainer kill: the engines are alive with unknown weights; a trainer load and a dense
+    reseed bring them back (versions known again), and no stored result was lost."""
+    before = counts(client)
+    r = client.post("/v1/trainer/load", json={})
+    assert r.status_code == 200, r.text
+    version = r.json()["version"]
+    job = synced(client, [healthy])
+    assert job["result"]["verified"] is True
+    assert engine(client, healthy)["version"] == version and engine(client, healthy)["quarantined"] is None
+    after = counts(client)
+    assert after[0] == before[0] + 1 and after[1] >= before[1] + 1

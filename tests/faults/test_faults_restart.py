@@ -22,6 +22,14 @@ pytestmark = pytest.mark.faults
 LEASE_TTL_S = 3.0
 
 
+def local_server(db: Path, log: Path) -> LocalServer:
+    """A server on ``db`` that starts a Ray of its own (never joins one this test process started)."""
+    server = LocalServer(env=server_env(db), log_path=log)
+    for name in ("RAY_ADDRESS", "WSYNC_RAY_ADDRESS"):
+        server.env.pop(name, None)
+    return server
+
+
 def server_env(db: Path) -> dict[str, str]:
     env = {f"WSYNC_{k.upper()}": str(v) for k, v in BOUNDS.items()}
     env.update(WSYNC_DATABASE_URL=f"sqlite:///{db}", WSYNC_DEVICE="cpu", WSYNC_RAY_NUM_CPUS="2",
@@ -68,13 +76,14 @@ def totals(c: httpx.Client) -> tuple[int, int]:
 
 def test_service_killed_mid_job_and_restarted_marks_the_job_interrupted_and_keeps_history(tmp_path):
     db = tmp_path / "wsync.db"
-    first = LocalServer(env=server_env(db), log_path=tmp_path / "first.log")
+    first = local_server(db, tmp_path / "first.log")
     stopped: list[int] = []
     try:
         first.start()
         first.wait_ready()
         with httpx.Client(base_url=first.url, timeout=120) as c:
-            assert c.post("/v1/trainer/load", json={}).status_code == 200
+            loaded = c.post("/v1/trainer/load", json={})
+            assert loaded.status_code == 200, (loaded.text, first.log_tail(40))
             r = c.post("/v1/engines", json={"kind": "reference", "name": "r0"})
             assert r.status_code == 201 and r.json()["state"] == "ready", r.text
             eng = r.json()["id"]
@@ -103,7 +112,7 @@ def test_service_killed_mid_job_and_restarted_marks_the_job_interrupted_and_keep
                 pass
         first.proc.wait(30)
         time.sleep(LEASE_TTL_S + 1.0)  # the dead server's lease expires
-        second = LocalServer(env=server_env(db), log_path=tmp_path / "second.log")
+        second = local_server(db, tmp_path / "second.log")
         with second:
             with httpx.Client(base_url=second.url, timeout=60) as c:
                 job = c.get(f"/v1/jobs/{job_id}").json()
