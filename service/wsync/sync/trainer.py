@@ -53,6 +53,8 @@ class Trainer:
 
     def _actor(self) -> ActorRef:
         with self._create_lock:  # an engine becoming ready may ask for the trainer's GPU concurrently
+            if self.actor is not None and self.actor.gone():
+                self.actor = None  # a dead trainer (killed, crashed) is replaced by the next load
             if self.actor is None:
                 try:
                     self.actor = self.actors.create_trainer(self.actors.device, self.settings.delta_snapshots,
