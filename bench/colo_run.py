@@ -232,8 +232,10 @@ class Run:
             samples.append(ms)
             parts.append(out)
             mems.append(mem)
-        return {**_stats(samples, int(self.cfg["warmup"])), "first_parts": parts[0], "engine_ms": [p.get("ms") for p in parts[1:]],
-                "extra_mib": {k: max(m[k] for m in mems) for k in ("trainer", "engine")}, "verified_syncs": len(samples)}
+        return {**_stats(samples, int(self.cfg["warmup"])), "first_parts": parts[0],
+                "engine_ms": [p.get("ms") for p in parts[1:]],
+                "extra_mib": {k: max(m[k] for m in mems) for k in ("trainer", "engine")},
+                "verified_syncs": len(samples)}
 
     def wsync_sparse(self) -> dict:
         from wsync.transfer.ipc_sparse import IpcStaging
@@ -358,7 +360,8 @@ def main(cfg_path: str) -> int:
     cfg = json.loads(Path(cfg_path).read_text())
     run = Run(cfg)
     run.raw["started"] = time.time()
-    ok = run.section("setup", run.setup, 0) and run.section("floor", run.floor) and run.section("engine", run.engine, 60)
+    ok = (run.section("setup", run.setup, 0) and run.section("floor", run.floor)
+          and run.section("engine", run.engine, 60))
     if ok:
         if run.section("wsync_dense", run.wsync_dense):
             run.section("wsync_sparse", run.wsync_sparse)

@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     lease_heartbeat_s: float = Field(default=10.0, gt=0, description="Instance lease renewal period (< lease_ttl_s).")
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_engines: int = Field(default=16, ge=1, description="Engines one service may hold (409 above).")
-    max_patch_elements: int = Field(default=16 * 1024 * 1024, ge=1,
-                                    description="Changed elements one patch or inline sparse sync may carry (422 above).")
+    max_patch_elements: int = Field(
+        default=16 * 1024 * 1024, ge=1,
+        description="Changed elements one patch or inline sparse sync may carry (422 above).")
     allow_hub_models: bool = Field(default=False, description="Accept hub ids as models (downloads hold the trainer).")
     model_roots: list[Path] | None = Field(default=None, description="Directories a model path may resolve "
                                            "into (WSYNC_MODEL_ROOTS, JSON list or os.pathsep-separated); "

@@ -17,10 +17,11 @@ from .wire import Hub
 
 
 @contextmanager
-def fake_client(tmp_path: Path, hub: Hub | None = None, device: str = "cpu", **settings) -> Iterator[tuple[TestClient, Hub]]:
+def fake_client(tmp_path: Path, hub: Hub | None = None, device: str = "cpu",
+                **settings) -> Iterator[tuple[TestClient, Hub]]:
     hub = hub or Hub()
-    s = Settings(database_url=f"sqlite:///{tmp_path / 'wsync.db'}", device="cpu", default_model="fake-model", allow_hub_models=True,
-                 cache_dir=tmp_path, **settings)
+    s = Settings(database_url=f"sqlite:///{tmp_path / 'wsync.db'}", device="cpu", default_model="fake-model",
+                 allow_hub_models=True, cache_dir=tmp_path, **settings)
     with TestClient(create_app(s, actors=fake_actors(hub, device)), raise_server_exceptions=False) as client:
         yield client, hub
 

@@ -21,8 +21,8 @@ from .wire import Hub, WireError
 def baseline(model: str) -> dict[str, torch.Tensor]:
     """The 'checkpoint' of a fake model: three small float32 tensors, the same for every reader."""
     gen = torch.Generator().manual_seed(len(model))
-    return {"model.embed_tokens.weight": torch.randn(16, 8, generator=gen), "layer.weight": torch.randn(8, 8, generator=gen),
-            "norm.weight": torch.ones(8)}
+    return {"model.embed_tokens.weight": torch.randn(16, 8, generator=gen),
+            "layer.weight": torch.randn(8, 8, generator=gen), "norm.weight": torch.ones(8)}
 
 
 def _apply(params: dict[str, torch.Tensor], patches: list[SparsePatch]) -> None:
@@ -125,7 +125,8 @@ class FakeTrainer:
 
     # ---- groups and sends ---------------------------------------------------------------
     def rendezvous(self, world_size: int, name: str, backend: str | None = None, host: str | None = None) -> dict:
-        return {"host": host or "local", "port": 0, "world_size": world_size, "backend": backend or "gloo", "name": name}
+        return {"host": host or "local", "port": 0, "world_size": world_size, "backend": backend or "gloo",
+                "name": name}
 
     def open_group(self, rendezvous: dict, timeout_s: float = 300.0) -> None:
         self.hub.log("trainer", "open_group", rendezvous["name"])

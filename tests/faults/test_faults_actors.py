@@ -12,8 +12,18 @@ import time
 
 import pytest
 
-from .conftest import (counts, dense, engine, engine_pid, kill9, launch_engines, trainer_pid, wait_engine_state,
-                       wait_event, wait_job)
+from .conftest import (
+    counts,
+    dense,
+    engine,
+    engine_pid,
+    kill9,
+    launch_engines,
+    trainer_pid,
+    wait_engine_state,
+    wait_event,
+    wait_job,
+)
 
 pytestmark = pytest.mark.faults
 

@@ -26,7 +26,8 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1200"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -53,7 +54,8 @@ def console_errors(driver) -> list[dict]:
 COUNT_DENSE = """
 const c = document.querySelector('#plot-ms canvas'); const ctx = c.getContext('2d');
 const d = ctx.getImageData(0, 0, c.width, c.height).data; let n = 0;
-for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i]-31) < 8 && Math.abs(d[i+1]-119) < 8 && Math.abs(d[i+2]-180) < 8 && d[i+3] > 200) n++;
+for (let i = 0; i < d.length; i += 4)
+  if (Math.abs(d[i]-31) < 8 && Math.abs(d[i+1]-119) < 8 && Math.abs(d[i+2]-180) < 8 && d[i+3] > 200) n++;
 return n;"""
 
 

@@ -59,6 +59,7 @@ def test_hub_ids_only_when_allowed(root):
 def test_default_roots_are_the_cache_dir_and_cwd(tmp_path, monkeypatch):
     monkeypatch.delenv("WSYNC_MODEL_ROOTS", raising=False)
     s = Settings(cache_dir=tmp_path / "cache")
-    assert [str(p) for p in s.resolved_model_roots()] == [str((tmp_path / "cache").resolve()), os.path.realpath(os.getcwd())]
+    assert [str(p) for p in s.resolved_model_roots()] == [str((tmp_path / "cache").resolve()),
+                                                          os.path.realpath(os.getcwd())]
     monkeypatch.setenv("WSYNC_MODEL_ROOTS", f"/srv/models{os.pathsep}/data")
     assert [str(p) for p in Settings().resolved_model_roots()] == ["/srv/models", "/data"]

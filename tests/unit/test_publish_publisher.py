@@ -112,7 +112,8 @@ def test_explicit_sparse_patch():
     with torch.no_grad():
         model.w.view(-1)[idx.long()] = vals
     patch = SparsePatch("w", idx, vals)
-    rep, fps = publish_once(pub, engine, lambda p, g, a: p.sparse(g, [patch], version="s1", base_version="base", announce=a))
+    rep, fps = publish_once(pub, engine,
+                            lambda p, g, a: p.sparse(g, [patch], version="s1", base_version="base", announce=a))
     assert (rep.mode, rep.version, rep.base_version, rep.elements) == ("sparse", "s1", "base", 3)
     assert pub.baselines.keys() == ["s1"]  # the baseline moved forward by the patch
     assert rep.fingerprints == {"w": fps["w"]}

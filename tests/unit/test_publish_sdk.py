@@ -41,9 +41,9 @@ class StandIn:
             return httpx.Response(200, json=[{"id": "e1", "version": self.version}])
         if method == "POST" and path == "/v1/trainers/t1/publish":
             job = {"body": body, "thread": threading.Thread(target=self._receive, args=(body,), daemon=True)}
-            self.jobs["j%d" % len(self.jobs)] = job
+            self.jobs[f"j{len(self.jobs)}"] = job
             job["thread"].start()
-            return httpx.Response(202, json={"id": "j%d" % (len(self.jobs) - 1), "plan": {"e1": body["mode"]}})
+            return httpx.Response(202, json={"id": f"j{len(self.jobs) - 1}", "plan": {"e1": body["mode"]}})
         if method == "POST" and path.endswith("/done"):
             job = self.jobs[path.split("/")[-2]]
             job["thread"].join(60)

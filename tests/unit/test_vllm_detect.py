@@ -124,7 +124,8 @@ def class_fields(module: str, cls: str) -> dict[str, bool]:
     """Annotated dataclass fields -> has a default (KW_ONLY markers skipped)."""
     out = {}
     for n in _classes(module)[cls].body:
-        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and "KW_ONLY" not in ast.unparse(n.annotation):
+        if (isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                and "KW_ONLY" not in ast.unparse(n.annotation)):
             out[n.target.id] = n.value is not None
     return out
 
@@ -278,6 +279,7 @@ def test_engine_kwargs():
                   "dtype": "bfloat16", "distributed_executor_backend": "uni", "max_model_len": 512,
                   "worker_extension_cls": va.EXTENSION_QUALNAME, "weight_transfer_config": {"backend": "nccl"}}
     for gen in "BCD":
-        assert vp.engine_kwargs(api_of(gen), config_factory=factory)["weight_transfer_config"] == {"backend": "sparse_nccl"}
+        kwargs = vp.engine_kwargs(api_of(gen), config_factory=factory)
+        assert kwargs["weight_transfer_config"] == {"backend": "sparse_nccl"}
     with pytest.raises(va.VLLMUnsupportedError):
         vp.engine_kwargs(api_of("none"), config_factory=factory)

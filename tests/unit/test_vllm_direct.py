@@ -70,8 +70,8 @@ def test_map_dense_then_sparse_direct_bit_exact(shape):
     specs = {m.name: m for m in metas}
     for encoding in ("auto", "flat_int32"):
         sm = plan_sparse(patches, specs, encoding, weights)
-        _, got = run_pair(lambda: send_sparse(group, patches, sm, weights),
-                          lambda: worker.wsync_recv_sparse_direct([m.to_dict() for m in sm]))
+        _, got = run_pair(lambda sm=sm: send_sparse(group, patches, sm, weights),
+                          lambda sm=sm: worker.wsync_recv_sparse_direct([m.to_dict() for m in sm]))
         assert got["elements"] == sum(m.count for m in sm)
         assert runtime_equals(worker, weights, shape)
     group.close()
@@ -162,7 +162,8 @@ def test_sparse_direct_checks_names_before_and_indices_after_receipt():
     sm = [SparseMeta(p.name, "bfloat16", [256] if "norm" in p.name else [128, 256], p.count, "flat_int32", 6 * p.count)
           for p in (good, bad)]
     with pytest.raises(ValueError, match="out of range; nothing was applied"):
-        run_pair(lambda: send_sparse(group, [good, bad], sm), lambda: w.wsync_recv_sparse_direct([m.to_dict() for m in sm]))
+        run_pair(lambda: send_sparse(group, [good, bad], sm),
+                 lambda: w.wsync_recv_sparse_direct([m.to_dict() for m in sm]))
     after = dict(w.model_runner.model.named_parameters())
     assert all(torch.equal(bits(before[n]), bits(after[n])) for n in before)
     group.close()

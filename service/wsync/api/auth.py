@@ -29,7 +29,8 @@ class Forbidden(ServiceError):
     status, type = 403, "forbidden"
 
 
-def _token_check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+# FastAPI dependency injection: Depends() in a parameter default is the framework's idiom.
+def _token_check(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:  # noqa: B008
     settings = request.app.state.auth_settings
     token = settings.api_token
     if not token or request.url.path in OPEN_PATHS:

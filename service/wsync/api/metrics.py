@@ -63,8 +63,8 @@ class Metrics:
         r = self.registry
         self.duration = Histogram("wsync_sync_duration_seconds", "End-to-end sync time (job start to every "
                                   "engine serving the weights).", _LABELS, buckets=_SECONDS, registry=r)
-        self.wire_hist = Histogram("wsync_sync_wire_bytes_per_sync", "Bytes broadcast per sync.", _LABELS, buckets=_BYTES,
-                                   registry=r)
+        self.wire_hist = Histogram("wsync_sync_wire_bytes_per_sync", "Bytes broadcast per sync.", _LABELS,
+                                   buckets=_BYTES, registry=r)
         self.wire = Counter("wsync_sync_wire_bytes", "Bytes broadcast by syncs.", _LABELS, registry=r)
         self.payload = Counter("wsync_sync_payload_bytes", "Tensor bytes carried by syncs.", _LABELS, registry=r)
         self.syncs = Counter("wsync_syncs", "Finished syncs.", _LABELS, registry=r)

@@ -29,7 +29,8 @@ class TensorPatch(WireModel):
 
 class PatchPrepare(WireModel):
     kind: PatchKind = PatchKind.reference
-    prompts: list[Text] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1, max_length=256, description="reference: rows come from these prompts' tokens.")
+    prompts: list[Text] = Field(default_factory=lambda: list(REFERENCE_PROMPTS), min_length=1, max_length=256,
+                                description="reference: rows come from these prompts' tokens.")
     rows: int = Field(default=32, ge=1, le=65536, description="reference: number of embedding rows to rotate.")
     param: str = Field(default="model.embed_tokens.weight", description="reference: the parameter to patch.")
     density: float | None = Field(default=None, gt=0.0, le=1.0, description="random: fraction of elements changed.")

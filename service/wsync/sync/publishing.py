@@ -73,12 +73,13 @@ def run_publish(fleet: Fleet, ctx: JobContext, order: PublishOrder) -> dict:
     return report.model_dump(mode="json")
 
 
-def _transfer(fleet: Fleet, ctx: JobContext, order: PublishOrder, recs: list[EngineRecord]) -> tuple[TransferStats, list]:
+def _transfer(fleet: Fleet, ctx: JobContext, order: PublishOrder,
+              recs: list[EngineRecord]) -> tuple[TransferStats, list]:
     timeout = fleet.settings.group_timeout_s
     _each(fleet, recs, "pause")
     transport = order.transports[0]
     transport.open(order.handle, order.rendezvous, timeout)  # the publisher opens rank 0 by itself
-    for rec, tr in zip(recs, order.transports):
+    for rec, _tr in zip(recs, order.transports):
         rec.group = order.rendezvous["name"]
     joins = {r.id: r.actor.call("join_group", order.rendezvous, i + 1, t.name, timeout)
              for i, (r, t) in enumerate(zip(recs, order.transports))}

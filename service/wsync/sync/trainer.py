@@ -65,7 +65,8 @@ class Trainer:
 
     def load(self, model: str | None, dtype: str = "bfloat16") -> TrainerInfo:
         resolved = self.resolve_model(model)
-        return self._loaded(self.caller.get(self._actor().call("load", resolved, dtype), "trainer load", self.settings.engine_start_timeout_s))
+        return self._loaded(self.caller.get(self._actor().call("load", resolved, dtype), "trainer load",
+                                            self.settings.engine_start_timeout_s))
 
     def ensure(self, model: str | None = None) -> TrainerInfo:
         """The trainer with ``model`` loaded (loading it only when another or none is)."""
@@ -76,7 +77,8 @@ class Trainer:
 
     def reset(self) -> TrainerInfo:
         self.require()
-        return self._loaded(self.caller.get(self._actor().call("reset"), "trainer reset", self.settings.engine_start_timeout_s))
+        return self._loaded(self.caller.get(self._actor().call("reset"), "trainer reset",
+                                            self.settings.engine_start_timeout_s))
 
     def stash(self) -> TrainerRecord:
         """Set the trainer's state aside (in the actor) and continue on a fresh load; returns the
@@ -120,7 +122,8 @@ class Trainer:
     def step(self, req: TrainerStep) -> TrainerStepResult:
         self.require()
         out: TrainerStepResult = self.caller.get(self._actor().call(
-            "step", f"s-{uuid.uuid4().hex[:10]}", req.texts, req.optimizer, req.lr, req.steps), "trainer step", self.settings.sync_timeout_s)
+            "step", f"s-{uuid.uuid4().hex[:10]}", req.texts, req.optimizer, req.lr, req.steps), "trainer step",
+            self.settings.sync_timeout_s)
         self.record.info.version = out.version
         self._version_changed()
         return out
@@ -139,7 +142,8 @@ class Trainer:
         spec = req.model_dump(exclude={"kind", "patches"})
         if tensors is not None:
             spec["patches"] = tensors
-        out = self.caller.get(self._actor().call("prepare_patch", patch_id, req.kind.value, spec), "prepare patch", self.settings.sync_timeout_s)
+        out = self.caller.get(self._actor().call("prepare_patch", patch_id, req.kind.value, spec), "prepare patch",
+                              self.settings.sync_timeout_s)
         info = self._record_patch(PatchInfo(id=patch_id, kind=req.kind, created_at=utcnow(), **out))
         self.record.info.version = patch_id
         self._version_changed()
@@ -148,7 +152,8 @@ class Trainer:
     def prepare_delta(self, base_version: str) -> PatchInfo:
         """A patch holding exactly what changed between ``base_version`` and the trainer's weights."""
         patch_id = f"p-{uuid.uuid4().hex[:10]}"
-        out = self.caller.get(self._actor().call("prepare_delta", patch_id, base_version), "delta", self.settings.sync_timeout_s)
+        out = self.caller.get(self._actor().call("prepare_delta", patch_id, base_version), "delta",
+                              self.settings.sync_timeout_s)
         return self._record_patch(PatchInfo(id=patch_id, kind="delta", created_at=utcnow(), **out))
 
     def holds(self, patch_id: str) -> bool:
@@ -172,7 +177,8 @@ class Trainer:
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[dict]:
         self.require()
-        return self.caller.get(self._actor().call("generate", prompts, max_new_tokens), "trainer generate", self.settings.sync_timeout_s)
+        return self.caller.get(self._actor().call("generate", prompts, max_new_tokens), "trainer generate",
+                               self.settings.sync_timeout_s)
 
     def gpu_uuid(self) -> str | None:
         """The physical GPU the trainer's weights live on (None on CPU, or when the actor cannot say).

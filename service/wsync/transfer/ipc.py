@@ -289,7 +289,7 @@ class IpcExporter:
 
 
 # ---- engine side --------------------------------------------------------------------------------------
-from .ipc_plan import CopyPlan, plan_copies
+from .ipc_plan import CopyPlan, plan_copies  # noqa: E402 -- engine-side half of the module, imported where it begins
 
 Opener = Callable[[BufferHandle, int], torch.UntypedStorage]
 
