@@ -10,7 +10,8 @@ from wsync.settings import Settings
 
 
 def make_settings(db_path) -> Settings:
-    return Settings(database_url=f"sqlite:///{db_path}", ray_num_cpus=2, device="cpu")
+    # a slow (busy 2-core) machine must not turn the synchronous load/launch these tests use into 202s
+    return Settings(database_url=f"sqlite:///{db_path}", ray_num_cpus=2, device="cpu", request_wait_s=600)
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,9 @@ class StandIn:
             return httpx.Response(204)
         if method == "GET" and path.startswith("/v1/jobs/"):
             job = self.jobs[path.split("/")[-1]]
+            if "verified" not in job:  # polled before `done` arrived (a slow machine): still running
+                return httpx.Response(200, json={"id": path.split("/")[-1], "kind": "sync_dense", "state": "running",
+                                                 "created_at": datetime.now(UTC).isoformat()})
             return httpx.Response(200, json={"id": path.split("/")[-1], "kind": "sync_dense", "state": "succeeded",
                                              "created_at": datetime.now(UTC).isoformat(),
                                              "result": {"verified": job["verified"]}})
