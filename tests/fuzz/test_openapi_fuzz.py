@@ -31,9 +31,26 @@ def fuzz_app(tmp_path_factory):
                    request_wait_s=1.0)  # long operations answer 202 + a job at once: no fuzzed call waits
     app = create_app(cfg)
     with TestClient(app, raise_server_exceptions=False) as c:
-        assert c.post("/v1/trainer/load", json={}).status_code == 200
-        assert c.post("/v1/engines", json={"kind": "reference", "name": "fuzz"}).status_code == 201
+        _done(c, c.post("/v1/trainer/load", json={}), 200)
+        _done(c, c.post("/v1/engines", json={"kind": "reference", "name": "fuzz"}), 201)
         yield app
+
+
+def _done(c, r, ok: int) -> None:
+    """A long operation answers ``ok`` at once or 202 + a job (request_wait_s=1 here): wait for the job."""
+    import time
+
+    if r.status_code == ok:
+        return
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    for _ in range(600):
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            assert job["state"] == "succeeded", job
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish")
 
 
 def _without_lifespan(app):
