@@ -30,6 +30,9 @@ TESTS = Path(__file__).resolve().parent
 DIR_MARKS = {"e2e": "e2e", "gpu": "gpu", "integration": "integration"}
 #: Fixtures that start real parts: `client` (tests/api: the app on real Ray actors), `service` (a server process).
 INTEGRATION_FIXTURES = {"client", "service"}
+#: Files whose tests all start real parts another way: the RL example (a real server or gloo group), the
+#: dashboard in real headless Chromium, the real trainer's stash with the tiny model.
+INTEGRATION_FILES = {"test_rl_loop_example.py", "test_dashboard_browser.py", "test_compare_keeps_trainer.py"}
 #: What a test (or a module helper it calls) does when it starts real parts.
 REAL_PARTS = re.compile(r"\bmp\.spawn\(|\bspawn\(|\bsubprocess\.|\bopen_group\(|\bProcess\(|\bray\.init\(|"
                         r"\bLocalServer\(|\buvicorn\.|\bstart_processes\(|\b\w*bench\.main\(")
@@ -67,7 +70,7 @@ def _marks_for(item: pytest.Item) -> set[str]:
         top = ""
     if top in DIR_MARKS:
         marks.add(DIR_MARKS[top])
-    if path.name.startswith("test_bench"):  # bench smoke runs
+    if path.name.startswith("test_bench") or path.name in INTEGRATION_FILES:  # bench smoke runs, real parts
         marks.add("integration")
     if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
         marks.add("integration")
