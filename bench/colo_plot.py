@@ -8,9 +8,13 @@ missing one is labelled "n/a" (never drawn as a number).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+try:  # run as `python bench/colo_plot.py` or imported as bench.colo_plot
+    from bench.plot import cli, save
+except ImportError:  # pragma: no cover - the script's own folder on sys.path
+    from plot import cli, save  # type: ignore[no-redef]
 
 DENSITIES = ("0.001", "0.01", "0.03", "0.1")
 
@@ -57,22 +61,11 @@ def plot_colo(result: dict, path: Path | str) -> Path:
         _shape(ax, name, r)
     fig.suptitle(f"One GPU, trainer and vLLM engine colocated (CUDA IPC) - {result.get('gpus', '?')}, "
                  f"{result.get('date', '?')}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__)
-        return 2
-    src = Path(argv[0])
-    out = Path(argv[1]) if len(argv) > 1 else src.with_suffix(".png")
-    print(plot_colo(json.loads(src.read_text()), out))
-    return 0
+    return cli(argv, plot_colo, __doc__)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def plot_result(r: dict, path: Path | str) -> Path:
     _sparse(b, r)
     note = " (CPU: compare ratios only)" if r.get("device") == "cpu" else ""
     fig.suptitle(f"{r.get('model', '?')} - {r.get('machine', '?')}{note}", fontsize=10)
+    return save(fig, path)
+
+
+def save(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; the path written."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,14 +85,19 @@ def plot_result(r: dict, path: Path | str) -> Path:
     return path
 
 
-def main(argv: list[str]) -> int:
+def cli(argv: list[str], plot, doc: str | None) -> int:
+    """`python bench/<plot>.py RESULT.json [OUT.png]` for a plot function taking (result dict, path)."""
     if not argv:
-        print(__doc__)
+        print(doc)
         return 2
     src = Path(argv[0])
     out = Path(argv[1]) if len(argv) > 1 else src.with_suffix(".png")
-    print(plot_result(json.loads(src.read_text()), out))
+    print(plot(json.loads(src.read_text()), out))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return cli(argv, plot_result, __doc__)
 
 
 if __name__ == "__main__":
