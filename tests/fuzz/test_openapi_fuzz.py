@@ -82,7 +82,10 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
-    if case.path == "/v1/trainer/step" and isinstance(case.body, dict) and isinstance(case.body.get("steps"), int):
-        case.body["steps"] = min(case.body["steps"], 2)  # up to 100 real optimizer steps on 2 CPUs: minutes, not a bug
+    if case.path.endswith("/events"):
+        return  # Server-Sent Event streams stay open by design (tests/ops/test_events.py covers them, bounded)
+    steps = case.body.get("steps") if case.path == "/v1/trainer/step" and isinstance(case.body, dict) else None
+    if isinstance(steps, (int, float)) and not isinstance(steps, bool):  # 66.0 validates as 66 steps too
+        case.body["steps"] = min(steps, 2)  # up to 100 real optimizer steps on 2 CPUs: minutes, not a bug
     response = case.call(timeout=120)
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
