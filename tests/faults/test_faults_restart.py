@@ -15,7 +15,7 @@ import pytest
 
 from wsync_client.local import LocalServer
 
-from .conftest import BOUNDS, FINAL
+from .conftest import BOUNDS, wait_job
 
 pytestmark = pytest.mark.faults
 
@@ -60,16 +60,6 @@ def descendants(root: int) -> dict[int, str]:
     return out
 
 
-def wait_final(c: httpx.Client, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in FINAL:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def totals(c: httpx.Client) -> tuple[int, int]:
     return c.get("/v1/results").json()["total"], c.get("/v1/jobs").json()["total"]
 
@@ -87,7 +77,7 @@ def test_service_killed_mid_job_and_restarted_marks_the_job_interrupted_and_keep
             r = c.post("/v1/engines", json={"kind": "reference", "name": "r0"})
             assert r.status_code == 201 and r.json()["state"] == "ready", r.text
             eng = r.json()["id"]
-            done = wait_final(c, c.post("/v1/sync/dense", json={"engine_ids": [eng]}).json()["id"])
+            done = wait_job(c, c.post("/v1/sync/dense", json={"engine_ids": [eng]}).json()["id"])
             assert done["state"] == "succeeded", done
             before = totals(c)
             # Hold the next sync in flight: the engine's process is stopped, so the job waits in its
