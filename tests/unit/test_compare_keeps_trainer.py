@@ -46,7 +46,7 @@ def test_compare_without_a_loaded_trainer_loads_one(tmp_path):
 def test_trainer_core_stash_gives_back_the_exact_weights_and_state(tmp_path):
     """The real TrainerCore (embedded tiny model, CPU): stash, change everything, unstash."""
     from wsync.actors.trainer import TrainerCore
-    from wsync.models.tiny import resolve_model
+    from wsync.models import resolve_model
 
     core = TrainerCore("cpu", max_snapshots=1)
     core.load(resolve_model(None), "float32")

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from wsync.errors import InvalidInput
-from wsync.models import tiny
+from wsync.models import resolve_model, tiny
 from wsync.models.tiny import (
     DEFAULT_MODEL_DIRNAME,
     DEFAULT_MODEL_NAME,
     build_tiny_model,
     ensure_default_model,
-    resolve_model,
 )
 from wsync.patches import reference_patch
 from wsync.schemas.common import REFERENCE_PROMPTS

@@ -6,7 +6,7 @@ import pytest
 
 from tests.fakes.app import fake_client
 from wsync.errors import InvalidInput
-from wsync.models.tiny import resolve_model
+from wsync.models import resolve_model
 
 
 def test_nonexistent_path_is_not_found_without_a_hub(tmp_path, monkeypatch):

@@ -16,16 +16,20 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .resolve import resolve_local as resolve_model
     from .tiny import (
         DEFAULT_MODEL_DIRNAME,
         DEFAULT_MODEL_NAME,
         build_tiny_model,
         ensure_default_model,
-        resolve_model,
     )
 
 
 def __getattr__(name: str) -> Any:
+    if name == "resolve_model":  # the service's resolver without root confinement, for local tools
+        from .resolve import resolve_local
+
+        return resolve_local
     if name in __all__:
         from . import tiny
 

@@ -15,7 +15,7 @@ Contract (``resolve_model(name, roots, cache_dir, allow_hub)``):
   ``TRANSFORMERS_OFFLINE``) set it must be in the local hub cache ("not found offline").
 
 Every refusal is ``InvalidInput`` (422) with ``field="model"`` and a ``rule``. This is the only
-resolver: ``wsync.models.tiny.resolve_model`` is this one without roots, for local tools.
+resolver: ``resolve_local`` (below; ``wsync.models.resolve_model``) is this one without roots, for local tools.
 """
 
 from __future__ import annotations
@@ -98,3 +98,15 @@ def _local_dir(local: Path, roots: list[Path]) -> Path:
         raise _refuse(f"{str(local)!r} needs custom code (auto_map); wsync never trusts remote code",
                       "trust_remote_code")
     return real
+
+
+def resolve_local(name: str | None, cache_dir: Path | None = None) -> str:
+    """Map a model name to what transformers/vLLM should load, for local tools and tests: the service's
+    resolver (resolve_model above) with no root confinement and hub ids allowed.
+
+    ``None``, ``""``, ``"wsync-tiny"`` or ``"default"``: the embedded model's folder (built on first use).
+    An existing local folder: its absolute path, if it holds a ``config.json``. A hub id (``org/name``)
+    that is no local folder: returned unchanged (offline: only when in the hub cache). Anything else
+    raises ``InvalidInput`` (field ``model``) without contacting a hub.
+    """
+    return resolve_model(name, [Path(os.sep)], cache_dir, allow_hub=True)

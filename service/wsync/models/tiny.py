@@ -373,20 +373,6 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     return final
 
 
-def resolve_model(name: str | None, cache_dir: Path | None = None) -> str:
-    """Map a model name to what transformers/vLLM should load, for local tools and tests: the service's
-    resolver (wsync.models.resolve.resolve_model) with no root confinement and hub ids allowed.
-
-    ``None``, ``""``, ``"wsync-tiny"`` or ``"default"``: the embedded model's folder (built on first use).
-    An existing local folder: its absolute path, if it holds a ``config.json``. A hub id (``org/name``)
-    that is no local folder: returned unchanged (offline: only when in the hub cache). Anything else
-    raises ``InvalidInput`` (field ``model``) without contacting a hub.
-    """
-    from wsync.models.resolve import resolve_model as confined
-
-    return confined(name, [Path(os.sep)], cache_dir, allow_hub=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsync.models.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=Path, help="folder to build the model into")
